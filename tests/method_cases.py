@@ -1,0 +1,39 @@
+"""One contract-test case per registered method (tests/methods_contract_test).
+
+A new method must add its case here; `test_every_method_has_a_case` fails
+otherwise. A case gives the method's config for `methods.from_config`, the
+mask of the parameters it may change (None: none), and optional builders of
+`context` and `meta` from the tiny net's variables.
+"""
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from tta_jax._src import params as params_lib
+
+
+class Case(NamedTuple):
+  name: str
+  config: dict[str, Any]
+  adapted: Any = None  # MaskFn of the params the method may change
+  context: Any = None  # (apply_fn, variables) -> dict for from_config
+  meta: Any = None  # (apply_fn, variables) -> meta pytree, if required
+
+
+ADAM = {'name': 'adam', 'learning_rate': 1e-2}
+
+CASES = [
+  Case('source', {}),
+  Case('norm', {}),
+  Case('norm', {'prior_strength': 16.0}),
+  Case('norm', {'momentum': 0.1}),
+  Case('tent', {'optimizer': ADAM}, params_lib.bn_affine),
+  Case('tent', {'optimizer': ADAM, 'steps': 2}, params_lib.bn_affine),
+  Case(
+    'tent',
+    {'optimizer': {**ADAM, 'inject': True}},
+    params_lib.bn_affine,
+    meta=lambda *_: {'log_learning_rate': jnp.log(1e-2)},
+  ),
+]

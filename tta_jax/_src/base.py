@@ -1,0 +1,69 @@
+"""Core types: an adaptation method is a pair of pure functions.
+
+`Adapter(init, step)` mirrors optax's `GradientTransformation(init, update)`:
+`init` builds a pure-data `AdaptState` from the source variables, `step`
+consumes one unlabeled test batch and returns the next state together with the
+logits that are scored for that batch. Functions live in the factory's
+closure, never in the state, so the state can be jitted, donated, scanned,
+vmapped and checkpointed as it is.
+"""
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import optax
+
+Params = Any  # A nested dict of arrays (a flax 'params' collection).
+Variables = Mapping[str, Params]  # {'params': ..., 'batch_stats': ...}
+Batch = Mapping[str, jax.Array]  # {'image': [B, H, W, C], 'mask'?: [B]}
+
+
+class AdaptState(NamedTuple):
+  """Everything that changes while adapting on one test stream."""
+
+  params: Params  # the full 'params' collection; only masked leaves change
+  batch_stats: Params  # BN statistics ({} for BN-free models)
+  opt_state: optax.OptState  # over the adapted subset only
+  rng: jax.Array  # base key, never split; per-step key = fold_in(rng, step)
+  step: jax.Array  # int32 scalar: number of step() calls so far
+  extra: Any = ()  # method-specific pure-data state (a NamedTuple)
+
+
+class StepOutput(NamedTuple):
+  """What one adaptation step returns besides the next state."""
+
+  logits: jax.Array  # [B, K] the predictions that are scored for this batch
+  metrics: Mapping[str, jax.Array]  # scalar diagnostics (loss, n_selected, ...)
+
+
+class AdaptInitFn(Protocol):
+  def __call__(self, variables: Variables, rng: jax.Array) -> AdaptState: ...
+
+
+class AdaptStepFn(Protocol):
+  def __call__(
+    self,
+    state: AdaptState,
+    batch: Batch,
+    *,
+    meta: Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[AdaptState, StepOutput]: ...
+
+
+class Adapter(NamedTuple):
+  """A pair of pure functions adapting a model to an unlabeled test stream.
+
+  Attributes:
+    init: `init(variables, rng) -> AdaptState`.
+    step: `step(state, batch, *, meta=None, **extra_args) -> (state, out)`.
+      `batch` holds `'image'` and optionally `'mask'` (False on padding rows);
+      `step` never reads labels. `meta` carries meta-learned method parameters
+      (generator weights, log learning rates). Extra keyword arguments that a
+      method does not know are ignored (`first_order=True` is one: methods
+      with an inner gradient stop it for first-order meta-learning).
+  """
+
+  init: AdaptInitFn
+  step: AdaptStepFn

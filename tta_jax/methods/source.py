@@ -1,0 +1,33 @@
+"""Source: the unadapted model, normalising with its source statistics."""
+
+import jax.numpy as jnp
+import optax
+
+from tta_jax._src import base
+
+
+def source(apply_fn) -> base.Adapter:
+  """No adaptation: predicts with the source parameters and statistics.
+
+  Args:
+    apply_fn: the model's `ApplyFn`.
+
+  Returns:
+    An `Adapter` whose state never changes except for its step counter.
+  """
+
+  def init_fn(variables, rng):
+    return base.AdaptState(
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=optax.EmptyState(),
+      rng=rng,
+      step=jnp.zeros([], jnp.int32),
+    )
+
+  def step_fn(state, batch, *, meta=None, **extra_args):
+    del meta, extra_args
+    out = apply_fn(state.params, state.batch_stats, batch['image'])
+    return state._replace(step=state.step + 1), base.StepOutput(out.logits, {})
+
+  return base.Adapter(init_fn, step_fn)

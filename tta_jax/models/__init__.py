@@ -1,0 +1,130 @@
+"""Flax models returning `(logits, features)`, and the `apply_fn` wrapper.
+
+Methods never touch flax: they call
+`apply_fn(params, batch_stats, images, *, use_batch_stats, bn_mode, mask)`,
+which returns a `ModelOutput` whose `batch_stats` are the statistics this
+forward normalised with (the source ones in source mode).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tta_jax.models import cifar, digits, layers, resnet
+from tta_jax.models.layers import BATCH, BatchNorm, BNMode
+
+__all__ = [
+  'BATCH',
+  'BNMode',
+  'BatchNorm',
+  'MODELS',
+  'ModelOutput',
+  'ApplyFn',
+  'build',
+  'init_variables',
+  'make_apply_fn',
+  'layers',
+]
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array  # [B, K]
+  features: Mapping[str, jax.Array]  # 'stage1'..., 'pre_logits': [B, D]
+  batch_stats: Any  # statistics this forward normalised with
+
+
+ApplyFn = Callable[..., ModelOutput]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+  'digits_cnn': digits.DigitsCNN,
+  'resnet26': lambda **kw: cifar.ResNetCifar(depth=26, **kw),
+  'wide_resnet28_2': lambda **kw: cifar.WideResNet(28, 2, **kw),
+  'wide_resnet28_10': lambda **kw: cifar.WideResNet(28, 10, **kw),
+  'resnet18': resnet.ResNet18,
+  'resnet50': resnet.ResNet50,
+}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+  """Builds a registered model; unknown names list the valid ones."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid: {sorted(MODELS)}')
+  return MODELS[name](**kwargs)
+
+
+def _check_images(images, input_shape: Sequence[int] | None):
+  if not hasattr(images, 'shape') or images.ndim != 4:
+    raise ValueError(
+      'images must be a [B, H, W, C] array, got shape '
+      f'{getattr(images, "shape", type(images))}'
+    )
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(
+      f'images must be floating point in [0, 1], got dtype {images.dtype}'
+    )
+  if input_shape is not None and tuple(images.shape[1:]) != tuple(input_shape):
+    raise ValueError(
+      f'images have shape {tuple(images.shape)}; this model expects '
+      f'[B, {", ".join(map(str, input_shape))}]'
+    )
+
+
+def make_apply_fn(
+  module: nn.Module, input_shape: Sequence[int] | None = None
+) -> ApplyFn:
+  """Wraps a `(logits, features)` Linen module into an `ApplyFn`.
+
+  Args:
+    module: a model whose `__call__(x, *, bn_mode, mask)` returns
+      `(logits, features)`.
+    input_shape: `(H, W, C)`; when given, every call checks the images
+      against it at trace time.
+
+  Returns:
+    `apply_fn(params, batch_stats, images, *, use_batch_stats=False,
+    bn_mode=None, mask=None) -> ModelOutput`. `use_batch_stats=True` is
+    `bn_mode=BATCH` (test-batch statistics); `mask` ([B] bool) keeps padding
+    rows out of the statistics.
+  """
+
+  def apply_fn(
+    params,
+    batch_stats,
+    images,
+    *,
+    use_batch_stats=False,
+    bn_mode=None,
+    mask=None,
+  ) -> ModelOutput:
+    _check_images(images, input_shape)
+    if mask is not None and mask.shape != images.shape[:1]:
+      raise ValueError(
+        f'mask shape {mask.shape} does not match batch {images.shape[:1]}'
+      )
+    if bn_mode is None and use_batch_stats:
+      bn_mode = BATCH
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if bn_mode is None:
+      logits, feats = module.apply(variables, images, bn_mode=None, mask=mask)
+      return ModelOutput(logits, feats, batch_stats)
+    (logits, feats), new = module.apply(
+      variables, images, bn_mode=bn_mode, mask=mask, mutable=['batch_stats']
+    )
+    return ModelOutput(logits, feats, new.get('batch_stats', {}))
+
+  return apply_fn
+
+
+def init_variables(
+  module: nn.Module, input_shape: Sequence[int], rng: jax.Array
+) -> dict[str, Any]:
+  """Initial `{'params', 'batch_stats'}` for images of `input_shape`."""
+  dummy = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = jax.jit(module.init)(rng, dummy)
+  return {
+    'params': variables['params'],
+    'batch_stats': variables.get('batch_stats', {}),
+  }

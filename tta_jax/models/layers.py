@@ -1,0 +1,132 @@
+"""Batch normalisation whose statistics are chosen at call time.
+
+Test-time adaptation methods differ mostly in which statistics BN normalises
+with: the source running statistics (`source`), the test batch's (`norm`,
+Tent, EATA, SAR, CoTTA), a prior-weighted mix of both (Schneider et al. 2020,
+MEMO's BN-alpha, RoTTA's robust BN), or a mix with a learnable per-channel
+weight and the exact mixture variance (Meta-TTT). One layer covers them all:
+
+  mu  = w * mu_s + (1 - w) * mu_b
+  var = w * var_s + (1 - w) * var_b [+ w (1 - w) (mu_s - mu_b)^2]
+
+where `w` is the weight on the source statistics. With a `BNMode`, the layer
+writes the statistics it normalised with into the `batch_stats` collection;
+with `w = 0` these are exactly the current batch's statistics, so a method
+can keep, mix or discard them (source training keeps an EMA of them).
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class BNMode(NamedTuple):
+  """How BN layers pick their statistics. `None` instead means source stats.
+
+  Attributes:
+    source_weight: weight `w` of the source statistics (scalar or traced
+      array); 0 normalises with the test batch alone.
+    ddof: delta degrees of freedom of the batch variance (PyTorch train-mode
+      BN: 0; Meta-TTT's mixed BN: 1).
+    mixture_variance: add `w (1 - w) (mu_s - mu_b)^2`, the exact variance of
+      the two-component mixture (Meta-TTT).
+    learned_weight: use each layer's per-channel parameter `alpha` as `w`
+      (models built with `bn_alpha_init`).
+  """
+
+  source_weight: float | jax.Array = 0.0
+  ddof: int = 0
+  mixture_variance: bool = False
+  learned_weight: bool = False
+
+
+BATCH = BNMode()
+
+
+def masked_moments(x: jax.Array, mask: jax.Array | None, ddof: int = 0):
+  """Per-channel mean and variance over all axes but the last.
+
+  Args:
+    x: `[B, ..., C]` activations.
+    mask: optional `[B]` bool; rows with False (padding) are ignored.
+    ddof: delta degrees of freedom.
+
+  Returns:
+    `(mean, var)`, each `[C]`. Two-pass, for float32 agreement with PyTorch.
+  """
+  axes = tuple(range(x.ndim - 1))
+  per_row = 1
+  for d in x.shape[1:-1]:
+    per_row *= d
+  if mask is None:
+    w = jnp.ones(x.shape[:1], x.dtype)
+  else:
+    w = mask.astype(x.dtype)
+  w = w.reshape((-1,) + (1,) * (x.ndim - 1))
+  n = jnp.sum(w) * per_row
+  mean = jnp.sum(x * w, axis=axes) / jnp.maximum(n, 1.0)
+  sq = jnp.sum(jnp.square(x - mean) * w, axis=axes)
+  var = sq / jnp.maximum(n - ddof, 1.0)
+  return mean, var
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with call-time statistics (see module doc).
+
+  Attributes:
+    epsilon: added to the variance (PyTorch's 1e-5).
+    alpha_init: if set, the layer owns a learnable per-channel source weight
+      `alpha`, initialised N(alpha_init, 0.01^2) (Meta-TTT's mixed BN).
+  """
+
+  epsilon: float = 1e-5
+  alpha_init: float | None = None
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    mode: BNMode | None = None,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    c = x.shape[-1]
+    dtype = self.param_dtype
+    scale = self.param('scale', nn.initializers.ones, (c,), dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), dtype)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), dtype)
+    alpha = None
+    if self.alpha_init is not None:
+      init = self.alpha_init
+
+      def alpha_fn(key, shape, dtype):
+        return (init + 0.01 * jax.random.normal(key, shape)).astype(dtype)
+
+      alpha = self.param('alpha', alpha_fn, (c,), dtype)
+
+    if mode is None:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      b_mean, b_var = masked_moments(x, mask, mode.ddof)
+      if mode.learned_weight:
+        if alpha is None:
+          raise ValueError(
+            'BNMode(learned_weight=True) needs a model built with '
+            'bn_alpha_init (a per-channel alpha in every BN layer).'
+          )
+        w = alpha
+      else:
+        w = jnp.asarray(mode.source_weight, x.dtype)
+      mean = w * ra_mean.value + (1.0 - w) * b_mean
+      var = w * ra_var.value + (1.0 - w) * b_var
+      if mode.mixture_variance:
+        var = var + w * (1.0 - w) * jnp.square(ra_mean.value - b_mean)
+      if not self.is_initializing() and self.is_mutable_collection(
+        'batch_stats'
+      ):
+        ra_mean.value, ra_var.value = mean, var
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    return (x - mean) * inv + bias
