@@ -10,15 +10,16 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from tta_jax._src import params as params_lib
+from tta_jax._src import params as params_lib, test_utils
 
 
 class Case(NamedTuple):
   name: str
   config: dict[str, Any]
-  adapted: Any = None  # MaskFn of the params the method may change
+  adapted: Any = None  # expected `Adapter.adapted` (None: not checked)
   context: Any = None  # (apply_fn, variables) -> dict for from_config
   meta: Any = None  # (apply_fn, variables) -> meta pytree, if required
+  moves: bool = True  # adapted params change within 3 steps on random data
 
 
 ADAM = {'name': 'adam', 'learning_rate': 1e-2}
@@ -35,5 +36,16 @@ CASES = [
     {'optimizer': {**ADAM, 'inject': True}},
     params_lib.bn_affine,
     meta=lambda *_: {'log_learning_rate': jnp.log(1e-2)},
+  ),
+  Case('lame', {}, params_lib.no_params),
+  Case(
+    'lame', {'affinity': 'rbf', 'force_symmetry': True}, params_lib.no_params
+  ),
+  Case('t3a', {'filter_k': 2}, params_lib.no_params),
+  Case(
+    'rotta',
+    {'optimizer': ADAM, 'memory_size': 8, 'update_frequency': 5},
+    params_lib.bn_affine,
+    context=lambda *_: {'input_shape': test_utils.TINY_SHAPE},
   ),
 ]

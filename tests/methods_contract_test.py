@@ -7,8 +7,7 @@ from absl.testing import absltest, parameterized
 
 from tests import method_cases
 from tta_jax import methods, unroll
-from tta_jax._src import params as params_lib
-from tta_jax._src import test_utils
+from tta_jax._src import params as params_lib, test_utils
 
 NUM_STEPS = 3
 
@@ -71,17 +70,24 @@ class ContractTest(parameterized.TestCase):
         self.assertTrue(np.all(np.isfinite(leaf)))
     self.assertEqual(int(state.step), NUM_STEPS)
 
-    # Leaves outside the method's mask are bit-identical; adapted ones move.
+    # The method declares what it adapts; every other leaf is bit-identical
+    # and, where it adapts something, something moved.
+    self.assertIsNotNone(adapter.adapted, 'the Adapter must declare `adapted`')
     params0 = variables['params']
-    if case.adapted is None:
-      frozen0, frozen = params0, state.params
-    else:
-      mask = case.adapted(params0, variables['batch_stats'])
-      _, frozen0 = params_lib.split(params0, mask)
-      _, frozen = params_lib.split(state.params, mask)
+    mask = adapter.adapted(params0, variables['batch_stats'])
+    if case.adapted is not None:  # the declaration is the expected one
+      self.assertEqual(
+        params_lib.selected_paths(params0, mask),
+        params_lib.selected_paths(
+          params0, case.adapted(params0, variables['batch_stats'])
+        ),
+      )
+    adapted0, frozen0 = params_lib.split(params0, mask)
+    _, frozen = params_lib.split(state.params, mask)
+    self.assertTrue(test_utils.trees_equal(frozen0, frozen))
+    if adapted0 and case.moves:
       moved = not test_utils.trees_equal(params0, state.params)
       self.assertTrue(moved, 'no adapted parameter changed')
-    self.assertTrue(test_utils.trees_equal(frozen0, frozen))
 
     # Deterministic given the rng.
     state_b, outs_b = run()

@@ -8,7 +8,7 @@ closure, never in the state, so the state can be jitted, donated, scanned,
 vmapped and checkpointed as it is.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -63,7 +63,12 @@ class Adapter(NamedTuple):
       (generator weights, log learning rates). Extra keyword arguments that a
       method does not know are ignored (`first_order=True` is one: methods
       with an inner gradient stop it for first-order meta-learning).
+    adapted: the mask function (`tta_jax.params`) of the parameters `step`
+      may change: every other leaf of `state.params` stays bit-identical (the
+      contract test checks it). Runners use it to share frozen parameters
+      across vmapped streams. None means undeclared (anything may change).
   """
 
   init: AdaptInitFn
   step: AdaptStepFn
+  adapted: Callable[[Params, Params], Params] | None = None

@@ -50,6 +50,12 @@ def bn_affine(params: Params, batch_stats: Params) -> Params:
   )
 
 
+def no_params(params: Params, batch_stats: Params) -> Params:
+  """Selects nothing (methods that adapt statistics or outputs only)."""
+  del batch_stats
+  return _mask_from(params, lambda k: False)
+
+
 def all_params(params: Params, batch_stats: Params) -> Params:
   """Selects every parameter (CoTTA adapts the whole network)."""
   del batch_stats

@@ -13,14 +13,16 @@ from typing import Any
 
 import optax
 
-from tta_jax._src import base
-from tta_jax._src import params as params_lib
-from tta_jax.methods import norm, source, tent
+from tta_jax._src import base, params as params_lib
+from tta_jax.methods import lame, norm, rotta, source, t3a, tent
 
 METHODS: dict[str, Callable[..., base.Adapter]] = {
   'source': source.source,
   'norm': norm.norm,
   'tent': tent.tent,
+  'lame': lame.lame,
+  't3a': t3a.t3a,
+  'rotta': rotta.rotta,
 }
 
 # Factory arguments that take a parameter mask; configs give them as specs.

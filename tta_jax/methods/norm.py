@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base, losses
+from tta_jax._src import base, losses, params as params_lib
 from tta_jax.models import layers
 
 
@@ -98,4 +98,4 @@ def norm(
       out.logits, metrics
     )
 
-  return base.Adapter(init_fn, step_fn)
+  return base.Adapter(init_fn, step_fn, params_lib.no_params)

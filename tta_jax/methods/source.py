@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base
+from tta_jax._src import base, params as params_lib
 
 
 def source(apply_fn) -> base.Adapter:
@@ -30,4 +30,4 @@ def source(apply_fn) -> base.Adapter:
     out = apply_fn(state.params, state.batch_stats, batch['image'])
     return state._replace(step=state.step + 1), base.StepOutput(out.logits, {})
 
-  return base.Adapter(init_fn, step_fn)
+  return base.Adapter(init_fn, step_fn, params_lib.no_params)

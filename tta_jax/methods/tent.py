@@ -3,9 +3,7 @@
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base, losses
-from tta_jax._src import meta as meta_lib
-from tta_jax._src import params as params_lib
+from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
 
 
 def tent(
@@ -86,4 +84,4 @@ def tent(
     )
     return new_state, base.StepOutput(out.logits, {'entropy': loss})
 
-  return base.Adapter(init_fn, step_fn)
+  return base.Adapter(init_fn, step_fn, adapt)

@@ -1,0 +1,152 @@
+"""Shared pieces of the benchmark configs."""
+
+import ml_collections
+
+# The 15 ImageNet-C corruption families, in the standard order.
+CORRUPTIONS = (
+  'gaussian_noise',
+  'shot_noise',
+  'impulse_noise',
+  'defocus_blur',
+  'glass_blur',
+  'motion_blur',
+  'zoom_blur',
+  'snow',
+  'frost',
+  'fog',
+  'brightness',
+  'contrast',
+  'elastic_transform',
+  'pixelate',
+  'jpeg_compression',
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style `get_config` argument: `'small,severity=3'`.
+
+  Bare words set booleans to True; `key=value` pairs are parsed with the
+  type of the default. Unknown keys fail, listing the valid ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for part in (p.strip() for p in (arg or '').split(',') if p.strip()):
+    key, _, value = part.partition('=')
+    if key not in defaults:
+      raise ValueError(
+        f'unknown config argument {key!r}; valid: {sorted(defaults)}'
+      )
+    default = defaults[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def method_configs(*, imagenet: bool = False):
+  """Every registered method at its paper's defaults, plus named variants.
+
+  The keys of each entry are the factory's keyword arguments (plus
+  `optimizer`), so `--config.method_configs.tent.steps=2` works. An entry
+  with a `method` key is a variant of that registered method under another
+  name (`norm_ema` is `norm` with a momentum), so variants and sweeps run
+  side by side in one table.
+  """
+  adam = {'name': 'adam', 'learning_rate': 1e-3, 'b1': 0.9, 'b2': 0.999}
+  sgd = {'name': 'sgd', 'learning_rate': 2.5e-4, 'momentum': 0.9}
+  # CIFAR-scale defaults (Adam 1e-3) unless `imagenet` (SGD 2.5e-4, m 0.9).
+  tent_opt = sgd if imagenet else adam
+  return ml_collections.ConfigDict(
+    {
+      'source': {},
+      # Nado et al.: test-batch statistics only (MD's BN-1).
+      'norm': {'source_weight': 0.0},
+      # Schneider et al.: source statistics as a prior of strength N.
+      'norm_prior': {'method': 'norm', 'prior_strength': 16.0},
+      # MD's BN-alpha (alpha 0.1 on the batch).
+      'norm_alpha': {'method': 'norm', 'source_weight': 0.9},
+      # BN-EMA: running statistics across the stream.
+      'norm_ema': {'method': 'norm', 'momentum': 0.1},
+      'tent': {'optimizer': dict(tent_opt), 'steps': 1},
+      # LAME: kNN affinity (k=5) on the penultimate features, output only.
+      'lame': {'affinity': 'knn', 'knn': 5, 'bound_lambda': 1.0},
+      # T3A: entropy-filtered supports (filter_k=100).
+      't3a': {'filter_k': 100},
+      # RoTTA (official rotta.yaml): Adam 1e-3, memory 64, update every 64.
+      'rotta': {
+        'optimizer': dict(adam),
+        'memory_size': 64,
+        'update_frequency': 64,
+        'nu': 0.001,
+        'alpha': 0.05,
+        'augment_strength': 'imagenet' if imagenet else 'cifar',
+      },
+    }
+  )
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The fields every adaptation config has (their defaults here)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # model init and method rngs
+  config.seeds = '0'  # stream-order seeds, comma-separated ('0,1,2')
+  config.data = ml_collections.ConfigDict(
+    {
+      'name': 'digits_corrupted',
+      'corruptions': CORRUPTIONS,
+      'severity': 5,
+      'corruption_seed': 0,
+      'natural_shift': True,
+      'rotations': (0, 15, 30, 45, 60, 75),
+      'train_size': 3500,
+      'val_size': 500,
+      'test_size': 1000,
+      'split_seed': 0,
+      'max_examples_per_domain': 0,  # 0: all
+      'num_classes': 10,
+      'loader_kwargs': ml_collections.ConfigDict(),  # full-scale loaders
+    }
+  )
+  config.model = ml_collections.ConfigDict({'name': 'digits_cnn', 'width': 16})
+  # A directory written by pretrain_main; empty: WORKDIR/source.
+  config.source_ckpt = ''
+  config.pretrain = ml_collections.ConfigDict(
+    {
+      'epochs': 12,
+      'batch_size': 128,
+      'learning_rate': 3e-3,
+      'weight_decay': 5e-4,
+      'bn_momentum': 0.9,
+      'max_translation': 2,
+    }
+  )
+  config.methods = 'source,norm,tent'  # comma-separated, compared side by side
+  config.method_configs = method_configs()
+  config.setting = 'continual'  # see tta_jax.data.streams.SETTINGS
+  config.batch_size = 64
+  config.dirichlet_delta = 0.0  # correlated settings: 0 sorts by label
+  config.num_source_images = 500  # clean source examples (EATA's Fisher)
+  config.clean_eval_examples = 1000  # forgetting check on the clean split
+  config.parallel = ''  # '', 'domains' (episodic) or 'seeds': vmapped streams
+  config.shard_batch = False  # shard each batch over all devices
+  config.checkpoint_every = 50  # batches; 0 disables stream checkpoints
+  config.log_every = 50
+  return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> None:
+  """The `small` switch: seconds-long runs for tests."""
+  config.data.corruptions = ('gaussian_noise', 'defocus_blur', 'contrast')
+  config.data.train_size = 500
+  config.data.val_size = 100
+  config.data.test_size = 100
+  config.data.max_examples_per_domain = 100
+  config.model.width = 8
+  config.pretrain.epochs = 2
+  config.batch_size = 32
+  config.num_source_images = 64
+  config.clean_eval_examples = 64
+  config.checkpoint_every = 2
+  config.log_every = 2

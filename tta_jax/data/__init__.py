@@ -1,0 +1,1 @@
+"""Data: embedded digits, shifts, full-scale loaders, and stream protocols."""

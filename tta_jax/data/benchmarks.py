@@ -1,0 +1,216 @@
+"""Benchmarks: what a config's `data` section turns into.
+
+A `Benchmark` holds the target domains in stream order and, where the
+benchmark has them, the source splits (to pretrain the source model, to give
+methods such as EATA clean source examples, and to measure forgetting on the
+clean test split).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tta_jax.data import digits, sources, streams
+
+
+class Benchmark(NamedTuple):
+  name: str
+  domains: list[sources.Domain]  # target domains, in stream order
+  input_shape: tuple[int, int, int]
+  num_classes: int
+  source_train: sources.Source | None = None
+  source_val: sources.Source | None = None
+  clean_test: sources.Source | None = None  # for the forgetting check
+  # The classes (of the model's K) a benchmark scores, e.g. ImageNet-R's
+  # 200: the runner restricts the logits to them and labels index them.
+  class_subset: np.ndarray | None = None
+
+
+def _corruptions():
+  from tta_jax.data import corruptions  # heavy (jax) import, lazily
+
+  return corruptions
+
+
+def _digits_corrupted(cfg, setting) -> Benchmark:
+  splits = digits.load(
+    train=cfg.train_size,
+    val=cfg.val_size,
+    test=cfg.test_size,
+    seed=cfg.split_seed,
+  )
+  c = _corruptions()
+  names = list(cfg.corruptions)
+  unknown = sorted(set(names) - set(c.CORRUPTIONS))
+  if unknown:
+    raise ValueError(
+      f'unknown corruptions {unknown}; valid: {list(c.CORRUPTIONS)}'
+    )
+  base, _ = streams.parse_setting(setting)
+  severities = (
+    streams.GRADUAL_SEVERITIES if base == 'gradual' else (cfg.severity,)
+  )
+  domains = []
+  for name in names:
+    for sev in severities:
+      label = name if len(severities) == 1 else f'{name}@{sev}'
+      domains.append(
+        sources.Domain(
+          label,
+          c.corrupted_source(splits.test, name, sev, cfg.corruption_seed),
+          {'corruption': name, 'severity': sev},
+        )
+      )
+  if cfg.natural_shift:
+    domains.append(
+      sources.Domain('uci_digits', splits.uci, {'natural_shift': 'uci_digits'})
+    )
+  if cfg.max_examples_per_domain:
+    domains = [_subset(d, cfg.max_examples_per_domain) for d in domains]
+  # Small: generate every shifted image once, not once per method.
+  domains = [sources.in_memory(d) for d in domains]
+  return Benchmark(
+    'digits_corrupted',
+    domains,
+    digits.IMAGE_SHAPE,
+    digits.NUM_CLASSES,
+    splits.train,
+    splits.val,
+    splits.test,
+  )
+
+
+def _digits_rotated(cfg, setting) -> Benchmark:
+  del setting
+  splits = digits.load(
+    train=cfg.train_size,
+    val=cfg.val_size,
+    test=cfg.test_size,
+    seed=cfg.split_seed,
+  )
+  c = _corruptions()
+  domains = [
+    sources.Domain(
+      f'rot{deg}', c.rotated_source(splits.test, deg), {'rotation': deg}
+    )
+    for deg in cfg.rotations
+  ]
+  if cfg.max_examples_per_domain:
+    domains = [_subset(d, cfg.max_examples_per_domain) for d in domains]
+  domains = [sources.in_memory(d) for d in domains]
+  return Benchmark(
+    'digits_rotated',
+    domains,
+    digits.IMAGE_SHAPE,
+    digits.NUM_CLASSES,
+    splits.train,
+    splits.val,
+    splits.test,
+  )
+
+
+def _subset(domain: sources.Domain, n: int) -> sources.Domain:
+  """The first n examples of a domain (a fixed, seeded stratification is
+  already in the split)."""
+  n = min(n, len(domain))
+  src = domain.source
+  idx = np.arange(n)
+
+  class _Head:
+    def __len__(self):
+      return n
+
+    def __getitem__(self, indices):
+      return src[idx[np.asarray(indices)]]
+
+    @property
+    def labels(self):
+      read = getattr(src, 'read_labels', None)
+      if read is not None:
+        return read(idx)
+      labels = getattr(src, 'labels', None)
+      return None if labels is None else np.asarray(labels)[:n]
+
+  return sources.Domain(domain.name, _Head(), domain.info)
+
+
+def _full_scale(cfg, setting) -> Benchmark:
+  from tta_jax.data import full_scale
+
+  kwargs = dict(cfg.loader_kwargs)
+  base, _ = streams.parse_setting(setting)
+  if base == 'gradual' and 'severities' in _params(full_scale, cfg.name):
+    kwargs['severities'] = streams.GRADUAL_SEVERITIES
+  domains = full_scale.load_domains(cfg.name, **kwargs)
+  if not domains:
+    raise ValueError(f'dataset {cfg.name!r} gave no domains')
+  if cfg.max_examples_per_domain:
+    domains = [_subset(d, cfg.max_examples_per_domain) for d in domains]
+  subsets = {
+    tuple(np.asarray(d.info['class_subset']).tolist())
+    for d in domains
+    if 'class_subset' in d.info
+  }
+  if len(subsets) > 1:
+    raise ValueError(f'{cfg.name}: domains score different class subsets')
+  subset = np.asarray(subsets.pop(), np.int32) if subsets else None
+  if subset is not None:
+    domains = [_relabel(d, subset) for d in domains]
+  shape = tuple(domains[0].source[np.arange(1)]['image'].shape[1:])
+  clean = None
+  if cfg.clean_name:
+    clean_domains = full_scale.load_domains(
+      cfg.clean_name, **dict(cfg.clean_kwargs)
+    )
+    clean = clean_domains[0].source
+  return Benchmark(
+    cfg.name,
+    domains,
+    shape,
+    cfg.num_classes,
+    source_val=clean,
+    clean_test=clean,
+    class_subset=subset,
+  )
+
+
+def _relabel(domain: sources.Domain, subset: np.ndarray) -> sources.Domain:
+  """Labels in the model's K classes -> positions in `subset`."""
+
+  def fn(batch, indices):
+    del indices
+    pos = np.searchsorted(subset, batch['label'])
+    if np.any(subset[np.minimum(pos, len(subset) - 1)] != batch['label']):
+      raise ValueError(f'{domain.name}: a label is outside the class subset')
+    return dict(batch, label=pos.astype(np.int32))
+
+  return sources.Domain(
+    domain.name, sources.MappedSource(domain.source, fn), domain.info
+  )
+
+
+def _params(module, name) -> Sequence[str]:
+  import inspect
+
+  fn = getattr(module, 'LOADERS', {}).get(name)
+  return list(inspect.signature(fn).parameters) if fn else []
+
+
+BENCHMARKS = {
+  'digits_corrupted': _digits_corrupted,
+  'digits_rotated': _digits_rotated,
+}
+
+
+def build(data_config: Mapping[str, Any], setting: str) -> Benchmark:
+  """Builds the benchmark named `data_config.name` for a stream setting."""
+  name = data_config['name']
+  if name in BENCHMARKS:
+    return BENCHMARKS[name](data_config, setting)
+  from tta_jax.data import full_scale
+
+  if name in getattr(full_scale, 'LOADERS', {}):
+    return _full_scale(data_config, setting)
+  valid = sorted(BENCHMARKS) + sorted(getattr(full_scale, 'LOADERS', {}))
+  raise ValueError(f'unknown dataset {name!r}; valid: {valid}')

@@ -1,0 +1,1 @@
+"""Importable runners behind the experiment binaries (notebooks call them)."""
