@@ -100,6 +100,16 @@ def base_config() -> ml_collections.ConfigDict:
       'corruption_seed': 0,
       'natural_shift': True,
       'rotations': (0, 15, 30, 45, 60, 75),
+      # Leave-one-domain-out benchmarks: the domains and which to hold out.
+      'dg_domains': (
+        'clean',
+        'gaussian_noise',
+        'defocus_blur',
+        'fog',
+        'contrast',
+        'jpeg_compression',
+      ),
+      'held_out': 'all',
       'train_size': 3500,
       'val_size': 500,
       'test_size': 1000,
@@ -131,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.clean_eval_examples = 1000  # forgetting check on the clean split
   config.parallel = ''  # '', 'domains' (episodic) or 'seeds': vmapped streams
   config.shard_batch = False  # shard each batch over all devices
+  # Meta-training (experiments.meta_train_main): which methods meta-learn,
+  # and each one's settings (config.meta_train.<method>).
+  config.meta_methods = ''
+  config.meta_train = ml_collections.ConfigDict()
   config.checkpoint_every = 50  # batches; 0 disables stream checkpoints
   config.log_every = 50
   return config

@@ -175,3 +175,29 @@ def make_meta_train_step(
     ), metrics
 
   return jax.jit(train_step)
+
+
+class MetaTrainContext(NamedTuple):
+  """What the meta-training runner gives a method's meta-trainer."""
+
+  config: Any  # the whole experiment config
+  method_config: Any  # config.meta_train[<method>]: the trainer's settings
+  module: Any  # the source model (flax module)
+  apply_fn: Callable  # its ApplyFn
+  variables: Any  # the trained source variables
+  source_domains: list  # labelled source `Domain`s (train parts), >= 1
+  val_domains: list  # their validation parts (model selection), maybe []
+  input_shape: tuple  # (H, W, C)
+  num_classes: int
+  rng: jax.Array
+  checkpointer: Any  # checkpoint.StateCheckpointer: resume long loops
+  log_every: int
+
+
+class MetaTrainResult(NamedTuple):
+  """What a meta-trainer returns; the runner saves it."""
+
+  meta: Any = None  # meta-parameters for `step(meta=...)`, or None
+  variables: Any = None  # a meta-trained backbone replacing the source
+  model: dict | None = None  # its model config, if it differs (bn_alpha_init)
+  metrics: dict = {}  # final scalars (losses, validation accuracy)

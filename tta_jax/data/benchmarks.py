@@ -25,6 +25,171 @@ class Benchmark(NamedTuple):
   # The classes (of the model's K) a benchmark scores, e.g. ImageNet-R's
   # 200: the runner restricts the logits to them and labels index them.
   class_subset: np.ndarray | None = None
+  # Labelled source domains kept apart (meta-learning splits them into
+  # meta-source / meta-target); one 'source' domain for single-source data.
+  source_domains: list[sources.Domain] | None = None
+  source_val_domains: list[sources.Domain] | None = None
+
+  def meta_source_domains(self):
+    """(train domains, val domains) for meta-training."""
+    if self.source_domains is not None:
+      return self.source_domains, self.source_val_domains
+    if self.source_train is None:
+      raise ValueError(f'benchmark {self.name!r} has no labelled source data')
+    val = (
+      [sources.Domain('source', self.source_val)]
+      if self.source_val is not None
+      else []
+    )
+    return [sources.Domain('source', self.source_train)], val
+
+
+class DGDomain(NamedTuple):
+  """A domain of a multi-source domain-generalisation dataset."""
+
+  name: str
+  train: sources.Source
+  val: sources.Source
+  test: sources.Source
+
+
+def leave_one_out(
+  name: str,
+  dg_domains: Sequence[DGDomain],
+  target: str,
+  input_shape,
+  num_classes: int,
+) -> Benchmark:
+  """The benchmark with `target` held out and every other domain as source.
+
+  The held-out domain is evaluated on all its examples (DomainBed's
+  protocol); the source domains' train parts train the model, their val
+  parts select it, their test parts measure forgetting.
+  """
+  names = [d.name for d in dg_domains]
+  if target not in names:
+    raise ValueError(f'unknown held-out domain {target!r}; valid: {names}')
+  held = dg_domains[names.index(target)]
+  others = [d for d in dg_domains if d.name != target]
+  test = sources.ConcatSource([held.train, held.val, held.test])
+  return Benchmark(
+    name=f'{name}:{target}',
+    domains=[
+      sources.in_memory(sources.Domain(target, test, {'held_out': target}))
+    ],
+    input_shape=tuple(input_shape),
+    num_classes=num_classes,
+    source_train=sources.ConcatSource([d.train for d in others]),
+    source_val=sources.ConcatSource([d.val for d in others]),
+    clean_test=sources.ConcatSource([d.test for d in others]),
+    source_domains=[sources.Domain(d.name, d.train) for d in others],
+    source_val_domains=[sources.Domain(d.name, d.val) for d in others],
+  )
+
+
+def _split(source, fractions, seed):
+  n = len(source)
+  order = np.random.default_rng(seed).permutation(n)
+  cuts = (np.cumsum(fractions)[:-1] * n).astype(int)
+  return [sources.SubsetSource(source, part) for part in np.split(order, cuts)]
+
+
+def _digits_dg(cfg, shift_fns: dict) -> list[DGDomain]:
+  """All 5,000 MNIST digits cut into disjoint per-domain chunks (DomainBed
+  gives each Rotated-MNIST domain its own digits), each shifted and split
+  80/10/10 into train/val/test."""
+  splits = digits.load(seed=cfg.split_seed)
+  everything = sources.materialize(
+    sources.ConcatSource([splits.train, splits.val, splits.test])
+  )
+  order = np.random.default_rng(cfg.split_seed).permutation(
+    len(everything['label'])
+  )
+  chunks = np.array_split(order, len(shift_fns))
+  out = []
+  for i, ((name, fn), chunk) in enumerate(
+    zip(shift_fns.items(), chunks, strict=True)
+  ):
+    base = sources.ArraySource(
+      everything['image'][chunk], everything['label'][chunk]
+    )
+    shifted = sources.in_memory(sources.Domain(name, fn(base))).source
+    train, val, test = _split(shifted, (0.8, 0.1, 0.1), cfg.split_seed + i)
+    out.append(DGDomain(name, train, val, test))
+  return out
+
+
+def _digits_rotated_dg(cfg) -> list[DGDomain]:
+  c = _corruptions()
+  return _digits_dg(
+    cfg,
+    {
+      f'rot{deg}': (lambda s, d=deg: c.rotated_source(s, d))
+      for deg in cfg.rotations
+    },
+  )
+
+
+def _digits_corrupted_dg(cfg) -> list[DGDomain]:
+  c = _corruptions()
+  fns = {}
+  for name in cfg.dg_domains:
+    if name == 'clean':
+      fns[name] = lambda s: s
+    elif name in c.CORRUPTIONS:
+      fns[name] = lambda s, n=name: c.corrupted_source(
+        s, n, cfg.severity, cfg.corruption_seed
+      )
+    else:
+      raise ValueError(
+        f'unknown DG domain {name!r}; valid: clean, {list(c.CORRUPTIONS)}'
+      )
+  return _digits_dg(cfg, fns)
+
+
+def _full_scale_dg(cfg) -> list[DGDomain]:
+  """DomainBed-style image folders (PACS, VLCS, Office-Home, ...): each
+  domain's 80 % trains, 20 % selects (and measures forgetting)."""
+  from tta_jax.data import full_scale
+
+  kwargs = dict(cfg.loader_kwargs)
+  train = full_scale.load_domains(cfg.name, split='train', **kwargs)
+  hold = full_scale.load_domains(cfg.name, split='holdout', **kwargs)
+  return [
+    DGDomain(t.name, t.source, h.source, h.source)
+    for t, h in zip(train, hold, strict=True)
+  ]
+
+
+DG_BENCHMARKS = {
+  'digits_rotated_dg': _digits_rotated_dg,
+  'digits_corrupted_dg': _digits_corrupted_dg,
+  'pacs': _full_scale_dg,
+  'vlcs': _full_scale_dg,
+  'office_home': _full_scale_dg,
+  'terra_incognita': _full_scale_dg,
+}
+
+
+def targets(data_config, setting: str) -> list[tuple[str | None, Benchmark]]:
+  """The benchmark(s) a config runs: `[(None, benchmark)]` for single-source
+  TTA, or one `(held_out, benchmark)` per held-out domain for the
+  leave-one-domain-out benchmarks (`data.held_out`: 'all' or names)."""
+  name = data_config['name']
+  if name not in DG_BENCHMARKS:
+    return [(None, build(data_config, setting))]
+  dg_domains = DG_BENCHMARKS[name](data_config)
+  names = [d.name for d in dg_domains]
+  held = (
+    names
+    if data_config.held_out == 'all'
+    else [h.strip() for h in data_config.held_out.split(',')]
+  )
+  shape = tuple(dg_domains[0].train[np.arange(1)]['image'].shape[1:])
+  return [
+    (t, leave_one_out(name, dg_domains, t, shape, data_config.num_classes))
+    for t in held
+  ]
 
 
 def _corruptions():
@@ -212,5 +377,9 @@ def build(data_config: Mapping[str, Any], setting: str) -> Benchmark:
 
   if name in getattr(full_scale, 'LOADERS', {}):
     return _full_scale(data_config, setting)
-  valid = sorted(BENCHMARKS) + sorted(getattr(full_scale, 'LOADERS', {}))
+  valid = (
+    sorted(BENCHMARKS)
+    + sorted(DG_BENCHMARKS)
+    + sorted(getattr(full_scale, 'LOADERS', {}))
+  )
   raise ValueError(f'unknown dataset {name!r}; valid: {valid}')

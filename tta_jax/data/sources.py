@@ -79,6 +79,62 @@ class Domain(NamedTuple):
     return len(self.source)
 
 
+class ConcatSource:
+  """Several sources (same image shape) as one, in order."""
+
+  def __init__(self, parts: list[Source]):
+    if not parts:
+      raise ValueError('ConcatSource needs at least one source')
+    self.parts = list(parts)
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, indices: np.ndarray) -> Batch:
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+      raise IndexError(f'index out of range for {len(self)} examples')
+    which = np.searchsorted(self.offsets, indices, side='right') - 1
+    out = None
+    for w in np.unique(which):
+      rows = np.flatnonzero(which == w)
+      part = self.parts[w][indices[rows] - self.offsets[w]]
+      if out is None:
+        out = {
+          k: np.empty((len(indices), *v.shape[1:]), v.dtype)
+          for k, v in part.items()
+        }
+      for k, v in part.items():
+        out[k][rows] = v
+    return out
+
+  @property
+  def labels(self) -> np.ndarray | None:
+    labels = [getattr(p, 'labels', None) for p in self.parts]
+    if any(lab is None for lab in labels):
+      return None
+    return np.concatenate(labels)
+
+
+class SubsetSource:
+  """The examples `indices` of a source, re-indexed from 0."""
+
+  def __init__(self, source: Source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, indices: np.ndarray) -> Batch:
+    return self.source[self.indices[np.asarray(indices)]]
+
+  @property
+  def labels(self) -> np.ndarray | None:
+    labels = getattr(self.source, 'labels', None)
+    return None if labels is None else np.asarray(labels)[self.indices]
+
+
 def in_memory(domain: Domain, batch_size: int = 1024) -> Domain:
   """The domain with its (small) source read once into an `ArraySource`."""
   data = materialize(domain.source, batch_size)

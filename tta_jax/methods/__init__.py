@@ -25,6 +25,10 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'rotta': rotta.rotta,
 }
 
+# Method name -> meta-trainer (`MetaTrainContext -> MetaTrainResult`, see
+# `tta_jax._src.meta`), for the methods that learn before they adapt.
+META_TRAINERS: dict[str, Callable[..., Any]] = {}
+
 # Factory arguments that take a parameter mask; configs give them as specs.
 _MASK_ARGS = ('adapt',)
 

@@ -121,7 +121,9 @@ class ResNetCifar(nn.Module):
     n = (self.depth - 2) // 6
     norm = functools.partial(layers.BatchNorm, alpha_init=self.bn_alpha_init)
     x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    x = _conv(16 * self.width, 3, 1, 'conv1')(x)
+    # TTT fixes the stem at 16 channels for every width (WRN convention);
+    # layer1_0 then zero-pads the shortcut up to 16 * width.
+    x = _conv(16, 3, 1, 'conv1')(x)
     features = {}
     for s, ch in enumerate((16, 32, 64)):
       for i in range(n):

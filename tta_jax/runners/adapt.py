@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tta_jax import methods
+from tta_jax import methods, models
 from tta_jax._src import checkpoint, metrics, validation
 from tta_jax.data import benchmarks, sources, streams
 from tta_jax.runners import common, report
@@ -458,22 +458,32 @@ def _jsonable(x):
   return x
 
 
-def method_artifacts(workdir: pathlib.Path, name: str, variables):
-  """Meta-trained artifacts of a method, if `meta_train` left any.
+def method_artifacts(
+  workdir: pathlib.Path, name: str, apply_fn, variables, benchmark
+):
+  """What `meta_train` learned for a method, if anything.
 
-  Returns `(variables, meta)`: a meta-trained backbone replaces the source
-  variables (Meta-TTT); meta-parameters (a generator) are passed to `step`.
+  Returns `(apply_fn, variables, meta)`: a meta-trained backbone (Meta-TTT)
+  replaces the source model for this method, with its own architecture if
+  its metadata says so (e.g. BN layers with a learnable mixing weight);
+  meta-parameters (a generator) are passed to `step`.
   """
   directory = workdir / 'meta' / name
   meta = None
   if checkpoint.has_variables(directory / 'backbone'):
-    variables = checkpoint.load_variables(directory / 'backbone', variables)
-  meta_dir = directory / 'meta'
-  if meta_dir.exists():
-    from tta_jax.runners import meta_train  # circular at import time
+    metadata = checkpoint.load_metadata(directory / 'backbone')
+    module, apply_fn = common.build_model(metadata['model'], benchmark)
+    template = models.init_variables(
+      module, benchmark.input_shape, jax.random.key(0)
+    )
+    variables = checkpoint.load_variables(directory / 'backbone', template)
+    if benchmark.class_subset is not None:
+      apply_fn = restrict_classes(apply_fn, benchmark.class_subset)
+  if (directory / 'meta').exists():
+    from tta_jax.runners import meta_train
 
     meta = meta_train.load_meta(directory)
-  return variables, meta
+  return apply_fn, variables, meta
 
 
 def run_method(
@@ -487,7 +497,9 @@ def run_method(
     if cached.get('config_hash') == key:
       logging.info('%s: already done (%s)', name, done)
       return cached
-  method_variables, meta = method_artifacts(workdir, name, variables)
+  apply_fn, method_variables, meta = method_artifacts(
+    workdir, name, apply_fn, variables, benchmark
+  )
   adapter = methods.from_config(
     factory_name(config, name), method_kwargs(config, name), apply_fn, **context
   )
@@ -720,16 +732,14 @@ def source_context(config, benchmark) -> dict[str, Any]:
   return {'source_images': images}
 
 
-def run(config, workdir) -> dict[str, Any]:
-  """Runs every method of `config.methods`; writes and returns the results."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  names = validate_config(config)
-  benchmark = benchmarks.build(config.data, config.setting)
+def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
+  """Every method of `names` on one benchmark; returns the results dict."""
   module, apply_fn = common.build_model(config.model, benchmark)
   variables, source_meta = common.load_source(
     config, workdir, benchmark, module, pretrain_if_missing=True
   )
+  if benchmark.class_subset is not None:
+    apply_fn = restrict_classes(apply_fn, benchmark.class_subset)
   context = source_context(config, benchmark)
   context['input_shape'] = tuple(benchmark.input_shape)
   logging.info(
@@ -756,5 +766,62 @@ def run(config, workdir) -> dict[str, Any]:
       100 * results['methods'][name]['mean_error'],
       time.perf_counter() - t0,
     )
+  return results
+
+
+def merge_held_out(config, per_target: Mapping[str, dict]) -> dict[str, Any]:
+  """Leave-one-domain-out: one entry per held-out domain per method."""
+  targets = list(per_target)
+  first = per_target[targets[0]]
+  merged = {
+    'config': _jsonable(config),
+    'protocol': 'leave_one_domain_out',
+    'source': {t: r['source'] for t, r in per_target.items()},
+    'domains': targets,
+    'methods': {},
+  }
+  for name in first['methods']:
+    runs = {t: per_target[t]['methods'][name] for t in targets}
+    doms = {t: runs[t]['domains'][t] for t in targets}
+    seconds = sum(d['seconds'] for d in doms.values())
+    entry = {
+      'domains': doms,
+      'mean_error': float(np.mean([d['error'] for d in doms.values()])),
+      'mean_ece': float(np.mean([d['ece'] for d in doms.values()])),
+      'mean_nll': float(np.mean([d['nll'] for d in doms.values()])),
+      'seconds': seconds,
+      'examples_per_second': (
+        sum(d['n'] for d in doms.values()) / seconds
+        if seconds > 0
+        else float('nan')
+      ),
+      'held_out': runs,
+    }
+    for key in ('clean_error_before', 'clean_error_after', 'forgetting'):
+      if all(key in r for r in runs.values()):
+        entry[key] = float(np.mean([r[key] for r in runs.values()]))
+    merged['methods'][name] = entry
+  return merged
+
+
+def run(config, workdir) -> dict[str, Any]:
+  """Runs every method of `config.methods`; writes and returns the results.
+
+  For leave-one-domain-out benchmarks, every held-out domain gets its own
+  source model, meta-training artifacts and checkpoints under
+  `WORKDIR/dg/<domain>/`, and the results hold one entry per held-out
+  domain.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = validate_config(config)
+  per_target = {}
+  for tag, benchmark in benchmarks.targets(config.data, config.setting):
+    wd = workdir if tag is None else workdir / 'dg' / tag
+    per_target[tag] = run_benchmark(config, wd, benchmark, names)
+  if list(per_target) == [None]:
+    results = per_target[None]
+  else:
+    results = merge_held_out(config, per_target)
   report.write(results, workdir)
   return results

@@ -1,5 +1,6 @@
 """Helpers shared by the runners: models from configs, source checkpoints."""
 
+import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -30,16 +31,21 @@ def build_model(model_config, benchmark: benchmarks.Benchmark):
 
 def model_metadata(model_config, benchmark) -> dict[str, Any]:
   return {
-    'model': dict(model_config),
+    'model': _normal(dict(model_config)),
     'input_shape': list(benchmark.input_shape),
     'num_classes': benchmark.num_classes,
   }
 
 
+def _normal(x):
+  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare."""
+  return json.loads(json.dumps(x.to_dict() if hasattr(x, 'to_dict') else x))
+
+
 def check_metadata(found: dict, expected: dict, where) -> None:
   """Fails clearly when a checkpoint holds another architecture."""
   for key in ('model', 'input_shape', 'num_classes'):
-    if found.get(key) != expected[key]:
+    if _normal(found.get(key)) != _normal(expected[key]):
       raise ValueError(
         f'the source checkpoint in {where} was trained with {key}='
         f'{found.get(key)!r}, but the config asks for {expected[key]!r}. '
@@ -72,7 +78,7 @@ def load_source(config, workdir, benchmark, module, *, pretrain_if_missing):
     from tta_jax.runners import pretrain
 
     logging.info('No source checkpoint in %s: pretraining first.', directory)
-    pretrain.run(config, workdir)
+    pretrain.train_and_save(config, pathlib.Path(workdir), benchmark)
   metadata = checkpoint.load_metadata(directory)
   check_metadata(metadata, expected, directory)
   template = models.init_variables(

@@ -146,7 +146,15 @@ def run(config, workdir):
   import pathlib
 
   workdir = pathlib.Path(workdir)
-  benchmark = benchmarks.build(config.data, 'continual')
+  out = None
+  for tag, benchmark in benchmarks.targets(config.data, config.setting):
+    wd = workdir if tag is None else workdir / 'dg' / tag
+    out = train_and_save(config, wd, benchmark)
+  return out
+
+
+def train_and_save(config, workdir, benchmark):
+  """Trains the source model of one benchmark into `WORKDIR/source`."""
   if benchmark.source_train is None:
     raise ValueError(
       f'benchmark {benchmark.name!r} has no source-train split in tta_jax; '
@@ -157,7 +165,8 @@ def run(config, workdir):
     common.source_dir(config, workdir), variables, metadata
   )
   logging.info(
-    'Source model saved: clean test error %.2f%%',
+    'Source model of %s saved: clean test error %.2f%%',
+    benchmark.name,
     100 * metadata.get('clean_test_error', float('nan')),
   )
   return variables, metadata
