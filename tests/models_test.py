@@ -6,8 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from tta_jax import models
-from tta_jax._src import params as params_lib
-from tta_jax._src import test_utils
+from tta_jax._src import params as params_lib, test_utils
 
 # name -> (input shape, parameter count with 10 classes, BN layers)
 EXPECTED = {
@@ -85,6 +84,17 @@ class ApplyTest(absltest.TestCase):
     )
     np.testing.assert_allclose(a.logits[:8], b.logits, rtol=1e-4, atol=1e-5)
     test_utils.assert_trees_close(a.batch_stats, b.batch_stats, 1e-4, 1e-5)
+
+  def test_feature_shift_after_the_stem_conv(self):
+    c = 4  # the tiny net's stem width
+    ident = self.apply(feature_shift=(jnp.ones(c), jnp.zeros(c)))
+    np.testing.assert_allclose(ident.logits, self.apply().logits, rtol=1e-6)
+    shifted = self.apply(feature_shift=(jnp.full(c, 0.5), jnp.full(c, 0.2)))
+    self.assertFalse(np.allclose(shifted.logits, self.apply().logits))
+    per_example = self.apply(
+      feature_shift=(jnp.full((12, c), 0.5), jnp.full((12, c), 0.2))
+    )
+    np.testing.assert_allclose(per_example.logits, shifted.logits, rtol=1e-5)
 
   def test_input_checks(self):
     with self.assertRaisesRegex(ValueError, r'\[B, H, W, C\]'):

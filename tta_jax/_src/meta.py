@@ -181,7 +181,11 @@ class MetaTrainContext(NamedTuple):
   """What the meta-training runner gives a method's meta-trainer."""
 
   config: Any  # the whole experiment config
-  method_config: Any  # config.meta_train[<method>]: the trainer's settings
+  method_config: Any  # config.meta_train[<name>]: the trainer's settings
+  # config.method_configs[<name>] without 'method': the adapter's keyword
+  # arguments at test time (build the adapter from them, so meta-training
+  # and adaptation agree); {} if the name has no method config.
+  method_kwargs: dict
   module: Any  # the source model (flax module)
   apply_fn: Callable  # its ApplyFn
   variables: Any  # the trained source variables

@@ -87,7 +87,8 @@ def make_apply_fn(
     `apply_fn(params, batch_stats, images, *, use_batch_stats=False,
     bn_mode=None, mask=None) -> ModelOutput`. `use_batch_stats=True` is
     `bn_mode=BATCH` (test-batch statistics); `mask` ([B] bool) keeps padding
-    rows out of the statistics.
+    rows out of the statistics. `feature_shift=(w, b)` transforms the stem
+    convolution's output per channel (Meta-TTT's shift synthesis).
   """
 
   def apply_fn(
@@ -98,6 +99,7 @@ def make_apply_fn(
     use_batch_stats=False,
     bn_mode=None,
     mask=None,
+    feature_shift=None,
   ) -> ModelOutput:
     _check_images(images, input_shape)
     if mask is not None and mask.shape != images.shape[:1]:
@@ -108,10 +110,21 @@ def make_apply_fn(
       bn_mode = BATCH
     variables = {'params': params, 'batch_stats': batch_stats}
     if bn_mode is None:
-      logits, feats = module.apply(variables, images, bn_mode=None, mask=mask)
+      logits, feats = module.apply(
+        variables,
+        images,
+        bn_mode=None,
+        mask=mask,
+        feature_shift=feature_shift,
+      )
       return ModelOutput(logits, feats, batch_stats)
     (logits, feats), new = module.apply(
-      variables, images, bn_mode=bn_mode, mask=mask, mutable=['batch_stats']
+      variables,
+      images,
+      bn_mode=bn_mode,
+      mask=mask,
+      feature_shift=feature_shift,
+      mutable=['batch_stats'],
     )
     return ModelOutput(logits, feats, new.get('batch_stats', {}))
 

@@ -57,7 +57,7 @@ class WideResNet(nn.Module):
   bn_alpha_init: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, bn_mode=None, mask=None):
+  def __call__(self, x, *, bn_mode=None, mask=None, feature_shift=None):
     if (self.depth - 4) % 6:
       raise ValueError(f'WideResNet depth must be 6n+4, got {self.depth}')
     n = (self.depth - 4) // 6
@@ -69,6 +69,7 @@ class WideResNet(nn.Module):
     ]
     x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
     x = _conv(16, 3, 1, 'conv1')(x)
+    x = layers.apply_feature_shift(x, feature_shift)
     features = {}
     for s, (ch, stride) in enumerate(zip(widths, (1, 2, 2), strict=True)):
       for i in range(n):
@@ -115,7 +116,7 @@ class ResNetCifar(nn.Module):
   bn_alpha_init: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, bn_mode=None, mask=None):
+  def __call__(self, x, *, bn_mode=None, mask=None, feature_shift=None):
     if (self.depth - 2) % 6:
       raise ValueError(f'ResNetCifar depth must be 6n+2, got {self.depth}')
     n = (self.depth - 2) // 6
@@ -124,6 +125,7 @@ class ResNetCifar(nn.Module):
     # TTT fixes the stem at 16 channels for every width (WRN convention);
     # layer1_0 then zero-pads the shortcut up to 16 * width.
     x = _conv(16, 3, 1, 'conv1')(x)
+    x = layers.apply_feature_shift(x, feature_shift)
     features = {}
     for s, ch in enumerate((16, 32, 64)):
       for i in range(n):

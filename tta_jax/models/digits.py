@@ -22,7 +22,7 @@ class DigitsCNN(nn.Module):
   bn_alpha_init: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, bn_mode=None, mask=None):
+  def __call__(self, x, *, bn_mode=None, mask=None, feature_shift=None):
     norm = functools.partial(layers.BatchNorm, alpha_init=self.bn_alpha_init)
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=False)
     features = {}
@@ -30,6 +30,8 @@ class DigitsCNN(nn.Module):
 
     def unit(x, ch, i):
       x = conv(ch, name=f'conv{i}')(x)
+      if i == 1:
+        x = layers.apply_feature_shift(x, feature_shift)
       return nn.relu(norm(name=f'bn{i}')(x, bn_mode, mask))
 
     x = unit(x, self.width, 1)

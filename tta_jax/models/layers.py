@@ -130,3 +130,19 @@ class BatchNorm(nn.Module):
         ra_mean.value, ra_var.value = mean, var
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
     return (x - mean) * inv + bias
+
+
+def apply_feature_shift(x: jax.Array, shift) -> jax.Array:
+  """`x * w + b` per channel, for `shift = (w, b)` ([C] or [B, C] each).
+
+  Every model applies it right after its stem convolution, before the stem
+  BN: Meta-TTT's stochastic domain-shift synthesis draws random (w, b)
+  there during meta-training. `None` (the default) is the identity.
+  """
+  if shift is None:
+    return x
+  w, b = shift
+  w, b = jnp.asarray(w, x.dtype), jnp.asarray(b, x.dtype)
+  if w.ndim == 2:  # per example: [B, C] -> [B, 1, 1, C]
+    w, b = w[:, None, None, :], b[:, None, None, :]
+  return x * w + b

@@ -77,11 +77,12 @@ class ResNet(nn.Module):
   bn_alpha_init: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, bn_mode=None, mask=None):
+  def __call__(self, x, *, bn_mode=None, mask=None, feature_shift=None):
     norm = functools.partial(layers.BatchNorm, alpha_init=self.bn_alpha_init)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
     x = _conv(64, 7, 2, 'conv1')(x)
+    x = layers.apply_feature_shift(x, feature_shift)
     x = nn.relu(norm(name='bn1')(x, bn_mode, mask))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     features = {'stem': jnp.mean(x, axis=(1, 2))}

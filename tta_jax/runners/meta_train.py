@@ -36,14 +36,25 @@ def _trainers() -> dict[str, Any]:
   return methods.META_TRAINERS
 
 
+def trainer_name(config, name: str) -> str:
+  """The registered method a (possibly variant) name meta-trains."""
+  if name in config.method_configs:
+    return config.method_configs[name].get('method', name)
+  return name
+
+
 def meta_method_names(config) -> list[str]:
   names = [m.strip() for m in config.meta_methods.split(',') if m.strip()]
   trainers = _trainers()
-  unknown = [m for m in names if m not in trainers]
+  unknown = [m for m in names if trainer_name(config, m) not in trainers]
   if unknown:
     raise ValueError(
-      f'no meta-trainer for {unknown}; valid: {sorted(trainers)}'
+      f'no meta-trainer for {unknown}; valid: {sorted(trainers)} (or '
+      'method_configs variants of them)'
     )
+  missing = [m for m in names if m not in config.meta_train]
+  if missing:
+    raise ValueError(f'no config.meta_train entry for {missing}')
   return names
 
 
@@ -108,6 +119,15 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
     ctx = meta_lib.MetaTrainContext(
       config=config,
       method_config=config.meta_train[name],
+      method_kwargs=(
+        {
+          k: v
+          for k, v in config.method_configs[name].to_dict().items()
+          if k != 'method'
+        }
+        if name in config.method_configs
+        else {}
+      ),
       module=module,
       apply_fn=apply_fn,
       variables=variables,
@@ -126,7 +146,7 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
       benchmark.name,
       len(train_domains),
     )
-    result = _trainers()[name](ctx)
+    result = _trainers()[trainer_name(config, name)](ctx)
     ctx.checkpointer.close()
     metadata = {
       **common.model_metadata(config.model, benchmark),
