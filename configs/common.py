@@ -70,6 +70,26 @@ def method_configs(*, imagenet: bool = False):
       # BN-EMA: running statistics across the stream.
       'norm_ema': {'method': 'norm', 'momentum': 0.1},
       'tent': {'optimizer': dict(tent_opt), 'steps': 1},
+      # EATA / ETA: MD's CIFAR settings (Adam 1e-3, d_margin 0.4, Fisher
+      # alpha 1) or the paper's ImageNet ones (SGD 2.5e-4, 0.05, 2000).
+      'eata': {
+        'optimizer': dict(tent_opt),
+        'margin_e0': 0.4,
+        'd_margin': 0.05 if imagenet else 0.4,
+        'fisher_alpha': 2000.0 if imagenet else 1.0,
+      },
+      'eta': {
+        'optimizer': dict(tent_opt),
+        'margin_e0': 0.4,
+        'd_margin': 0.05 if imagenet else 0.4,
+      },
+      # SAR: rho 0.05, recovery at EMA entropy 0.2; MD CIFAR: Adam 1e-3.
+      'sar': {
+        'optimizer': dict(tent_opt),
+        'margin_e0': 0.4,
+        'rho': 0.05,
+        'reset_constant': 0.2,
+      },
       # LAME: kNN affinity (k=5) on the penultimate features, output only.
       'lame': {'affinity': 'knn', 'knn': 5, 'bound_lambda': 1.0},
       # T3A: entropy-filtered supports (filter_k=100).

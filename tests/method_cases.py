@@ -37,6 +37,31 @@ CASES = [
     params_lib.bn_affine,
     meta=lambda *_: {'log_learning_rate': jnp.log(1e-2)},
   ),
+  Case(
+    'eata',
+    {
+      'optimizer': ADAM,
+      'margin_e0': 1.0,
+      'd_margin': 1.01,
+      'fisher_batch_size': 8,
+    },
+    params_lib.bn_affine,
+    context=lambda apply_fn, variables: {
+      'source_images': test_utils.fake_batch(7, 12, labels=False)['image']
+    },
+  ),
+  Case(
+    'eta',
+    {'optimizer': ADAM, 'margin_e0': 0.97, 'd_margin': 0.995},
+    params_lib.bn_affine,
+  ),
+  Case('sar', {'optimizer': ADAM, 'margin_e0': 0.97}, params_lib.bn_affine),
+  Case(
+    'sar',
+    {'optimizer': {**ADAM, 'inject': True}, 'margin_e0': 1.0},
+    params_lib.bn_affine,
+    meta=lambda *_: {'log_learning_rate': jnp.log(1e-2)},
+  ),
   Case('lame', {}, params_lib.no_params),
   Case(
     'lame', {'affinity': 'rbf', 'force_symmetry': True}, params_lib.no_params

@@ -14,12 +14,15 @@ from typing import Any
 import optax
 
 from tta_jax._src import base, params as params_lib
-from tta_jax.methods import lame, norm, rotta, source, t3a, tent
+from tta_jax.methods import eata, lame, norm, rotta, sar, source, t3a, tent
 
 METHODS: dict[str, Callable[..., base.Adapter]] = {
   'source': source.source,
   'norm': norm.norm,
   'tent': tent.tent,
+  'eata': eata.eata,
+  'eta': eata.eta,
+  'sar': sar.sar,
   'lame': lame.lame,
   't3a': t3a.t3a,
   'rotta': rotta.rotta,

@@ -207,7 +207,13 @@ def run_streams(
       valid[s, i, :n] = True
   seconds = np.zeros((k, len(domains)))
 
-  inits = [adapter.init(variables, r) for r in rngs]
+  cache = {}  # one init per distinct key (EATA computes a Fisher in init)
+  inits = []
+  for r in rngs:
+    key = tuple(np.asarray(jax.random.key_data(r)).ravel().tolist())
+    if key not in cache:
+      cache[key] = adapter.init(variables, r)
+    inits.append(cache[key])
   axes = None
   if k == 1:
     state0 = inits[0]
@@ -742,6 +748,11 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
     apply_fn = restrict_classes(apply_fn, benchmark.class_subset)
   context = source_context(config, benchmark)
   context['input_shape'] = tuple(benchmark.input_shape)
+  context['num_classes'] = (
+    len(benchmark.class_subset)
+    if benchmark.class_subset is not None
+    else benchmark.num_classes
+  )
   logging.info(
     'Benchmark %s, setting %s: %d domains, %d examples per seed',
     benchmark.name,
