@@ -8,8 +8,7 @@ import optax
 from absl.testing import absltest
 
 from tta_jax import methods, models
-from tta_jax._src import losses, test_utils
-from tta_jax._src import params as params_lib
+from tta_jax._src import losses, params as params_lib, test_utils
 
 
 def _conv_same_np(x, kernel):

@@ -23,6 +23,7 @@ class Case(NamedTuple):
 
 
 ADAM = {'name': 'adam', 'learning_rate': 1e-2}
+SGD = {'name': 'sgd', 'learning_rate': 5e-3}
 
 CASES = [
   Case('source', {}),
@@ -61,6 +62,17 @@ CASES = [
     {'optimizer': {**ADAM, 'inject': True}, 'margin_e0': 1.0},
     params_lib.bn_affine,
     meta=lambda *_: {'log_learning_rate': jnp.log(1e-2)},
+  ),
+  Case(
+    'cotta',
+    {'optimizer': ADAM, 'num_augmentations': 2},
+    params_lib.all_params,
+  ),
+  Case(
+    'memo',
+    {'optimizer': {**SGD, 'inject': True}, 'num_augmentations': 2},
+    params_lib.no_params,
+    meta=lambda *_: {'log_learning_rate': jnp.log(5e-3)},
   ),
   Case('lame', {}, params_lib.no_params),
   Case(

@@ -3,12 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from tta_jax import methods
-from tta_jax._src import params as params_lib
-from tta_jax._src import test_utils
+from tta_jax._src import params as params_lib, test_utils
 
 _names = st.text('abcdefgh_0123', min_size=1, max_size=6)
 _trees = st.recursive(

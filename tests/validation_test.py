@@ -8,8 +8,7 @@ from absl.testing import absltest, parameterized
 
 import tta_jax as tj
 from tta_jax import methods
-from tta_jax._src import params as params_lib
-from tta_jax._src import test_utils
+from tta_jax._src import params as params_lib, test_utils
 
 ADAM = {'name': 'adam', 'learning_rate': 1e-3}
 

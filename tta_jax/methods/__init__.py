@@ -14,7 +14,18 @@ from typing import Any
 import optax
 
 from tta_jax._src import base, params as params_lib
-from tta_jax.methods import eata, lame, norm, rotta, sar, source, t3a, tent
+from tta_jax.methods import (
+  cotta,
+  eata,
+  lame,
+  memo,
+  norm,
+  rotta,
+  sar,
+  source,
+  t3a,
+  tent,
+)
 
 METHODS: dict[str, Callable[..., base.Adapter]] = {
   'source': source.source,
@@ -23,6 +34,8 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'eata': eata.eata,
   'eta': eata.eta,
   'sar': sar.sar,
+  'cotta': cotta.cotta,
+  'memo': memo.memo,
   'lame': lame.lame,
   't3a': t3a.t3a,
   'rotta': rotta.rotta,
