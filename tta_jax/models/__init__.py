@@ -109,22 +109,15 @@ def make_apply_fn(
     if bn_mode is None and use_batch_stats:
       bn_mode = BATCH
     variables = {'params': params, 'batch_stats': batch_stats}
+    # Modules without the shift hook (user models) work unless it is used.
+    kwargs = {'mask': mask}
+    if feature_shift is not None:
+      kwargs['feature_shift'] = feature_shift
     if bn_mode is None:
-      logits, feats = module.apply(
-        variables,
-        images,
-        bn_mode=None,
-        mask=mask,
-        feature_shift=feature_shift,
-      )
+      logits, feats = module.apply(variables, images, bn_mode=None, **kwargs)
       return ModelOutput(logits, feats, batch_stats)
     (logits, feats), new = module.apply(
-      variables,
-      images,
-      bn_mode=bn_mode,
-      mask=mask,
-      feature_shift=feature_shift,
-      mutable=['batch_stats'],
+      variables, images, bn_mode=bn_mode, mutable=['batch_stats'], **kwargs
     )
     return ModelOutput(logits, feats, new.get('batch_stats', {}))
 

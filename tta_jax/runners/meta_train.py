@@ -37,7 +37,13 @@ def _trainers() -> dict[str, Any]:
 
 
 def trainer_name(config, name: str) -> str:
-  """The registered method a (possibly variant) name meta-trains."""
+  """The meta-trainer a (possibly variant) name uses.
+
+  A name with its own registered trainer uses it; a variant
+  (`method_configs.<name>.method`) uses its method's trainer.
+  """
+  if name in _trainers():
+    return name
   if name in config.method_configs:
     return config.method_configs[name].get('method', name)
   return name
