@@ -43,6 +43,33 @@ def soft_cross_entropy(logits: jax.Array, target_logits: jax.Array):
   return -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def gem_t(
+  logits: jax.Array, mask: jax.Array | None = None, *, scale: float = 1.0
+) -> jax.Array:
+  """Generalised entropy with a batch temperature (GEM-T, DomainAdaptor).
+
+  Each row is centred, `T = scale * mean_k std_i(z_ik)` (unbiased std over
+  the selected rows, held constant: no gradient flows through it) and the
+  result is the mean entropy of `softmax(z / T)` over the selected rows.
+  With fewer than two selected rows `T = 1` (plain entropy), and with none
+  the loss is 0. logits [B, K], mask [B] bool -> scalar.
+
+  References:
+    Zhang et al., DomainAdaptor: A Novel Approach to Test-time Adaptation,
+    ICCV 2023 (`AdaptorHeads.Losses.GEM_T`).
+  """
+  if mask is None:
+    mask = jnp.ones(logits.shape[:1], bool)
+  w = mask.astype(logits.dtype)[:, None]
+  z = logits - jax.lax.stop_gradient(jnp.mean(logits, -1, keepdims=True))
+  n = jnp.sum(w)
+  mean = jnp.sum(z * w, 0) / jnp.maximum(n, 1.0)
+  var = jnp.sum(jnp.square(z - mean) * w, 0) / jnp.maximum(n - 1.0, 1.0)
+  t = jax.lax.stop_gradient(scale * jnp.mean(jnp.sqrt(var)))
+  t = jnp.where(n > 1, jnp.maximum(t, 1e-8), 1.0)
+  return masked_mean(softmax_entropy(z / t), mask)
+
+
 def masked_mean(
   values: jax.Array, mask: jax.Array | None = None, axis=None
 ) -> jax.Array:
