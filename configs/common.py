@@ -134,6 +134,21 @@ def method_configs(*, imagenet: bool = False):
         'alpha': 0.05,
         'augment_strength': 'imagenet' if imagenet else 'cifar',
       },
+      # Meta-TTT (authors' meta_sup.sh): tau 0.8, GEM-T, one max step on
+      # the last BN's bias then one min step on the other BN affine, SGD
+      # 1e-2 each, learned alpha (needs its meta_train backbone, see
+      # configs/meta_ttt_digits.py), episodic per batch.
+      'meta_ttt': {
+        'threshold': 0.8,
+        'loss': 'gem_t',
+        'max_lr': 1e-2,
+        'min_lr': 1e-2,
+        'steps': 1,
+      },
+      # GeneralizeFormer: the paper's 8-layer, 512-wide generator of BN
+      # affine + classifier per batch, stateless; needs its meta-trained
+      # generator (meta_train_main, see configs/generalizeformer_dg.py).
+      'generalizeformer': {'generate': 'both', 'accumulate': False},
     }
   )
 

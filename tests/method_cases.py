@@ -8,9 +8,12 @@ mask of the parameters it may change (None: none), and optional builders of
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tta_jax._src import params as params_lib, test_utils
+from tta_jax.methods import generalizeformer
 
 
 class Case(NamedTuple):
@@ -23,7 +26,42 @@ class Case(NamedTuple):
 
 
 ADAM = {'name': 'adam', 'learning_rate': 1e-2}
+
 SGD = {'name': 'sgd', 'learning_rate': 5e-3}
+
+# A one-layer, 16-wide GeneralizeFormer generator with 8-wide tokens.
+GF_TINY = {
+  'num_layers': 1,
+  'd_model': 16,
+  'num_heads': 2,
+  'ff_dim': 32,
+  'token_width': 8,
+}
+# The official code's three generators, per-stream projections, row RMS.
+GF_SPLIT = {
+  **GF_TINY,
+  'split_generators': True,
+  'last_stage': '^bn4',
+  'fusion': 'sum',
+  'grad_norm': 'token_rms',
+}
+
+
+def _gf_meta(variables, kwargs, output_scale=0.0):
+  """GeneralizeFormer's phi; a random output layer makes Delta non-zero."""
+  phi = generalizeformer.init_meta(variables, jax.random.key(0), **kwargs)
+  if not output_scale:
+    return phi
+  r = np.random.default_rng(0)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: (
+      x + output_scale * r.normal(size=x.shape).astype(x.dtype)
+      if path[1].key == 'out'  # the generator's output layer
+      else x
+    ),
+    phi,
+  )
+
 
 CASES = [
   Case('source', {}),
@@ -84,5 +122,26 @@ CASES = [
     {'optimizer': ADAM, 'memory_size': 8, 'update_frequency': 5},
     params_lib.bn_affine,
     context=lambda *_: {'input_shape': test_utils.TINY_SHAPE},
+  ),
+  # Meta-TTT is episodic: its state's parameters never move. The tiny net
+  # has no learned alpha (that needs meta-training), so alpha is fixed.
+  Case('meta_ttt', {'alpha': 0.75}, params_lib.bn_affine, moves=False),
+  Case(
+    'meta_ttt',
+    {'alpha': 0.5, 'groups': 'paper', 'loss': 'entropy', 'steps': 2},
+    params_lib.bn_affine,
+    moves=False,
+  ),
+  Case(
+    'generalizeformer',
+    GF_TINY,
+    params_lib.no_params,
+    meta=lambda _, v: _gf_meta(v, GF_TINY),
+  ),
+  Case(
+    'generalizeformer',
+    {**GF_SPLIT, 'accumulate': True, 'aux_tent_huber_weight': 1.0},
+    generalizeformer.generation_mask(),
+    meta=lambda _, v: _gf_meta(v, GF_SPLIT, output_scale=0.05),
   ),
 ]

@@ -17,8 +17,10 @@ from tta_jax._src import base, params as params_lib
 from tta_jax.methods import (
   cotta,
   eata,
+  generalizeformer,
   lame,
   memo,
+  meta_ttt,
   norm,
   rotta,
   sar,
@@ -39,11 +41,16 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'lame': lame.lame,
   't3a': t3a.t3a,
   'rotta': rotta.rotta,
+  'meta_ttt': meta_ttt.meta_ttt,
+  'generalizeformer': generalizeformer.generalizeformer,
 }
 
 # Method name -> meta-trainer (`MetaTrainContext -> MetaTrainResult`, see
 # `tta_jax._src.meta`), for the methods that learn before they adapt.
-META_TRAINERS: dict[str, Callable[..., Any]] = {}
+META_TRAINERS: dict[str, Callable[..., Any]] = {
+  'meta_ttt': meta_ttt.meta_train,
+  'generalizeformer': generalizeformer.meta_train,
+}
 
 # Factory arguments that take a parameter mask; configs give them as specs.
 _MASK_ARGS = ('adapt',)

@@ -445,9 +445,14 @@ def _config_hash(config, name: str) -> str:
       'seeds',
       'dirichlet_delta',
       'seed',
+      'source_ckpt',
+      'pretrain',
     )
   }
   relevant['method'] = config.method_configs[name]
+  # A re-meta-trained method is re-evaluated, not read from the cache.
+  if name in config.get('meta_train', {}):
+    relevant['meta_train'] = config.meta_train[name]
   blob = json.dumps(_jsonable(relevant), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
