@@ -432,7 +432,12 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
 
   factory, config, notes = _method_config(name, all_configs)
   adapter = methods.from_config(
-    factory, config, setup.apply_fn, source_images=setup.source_images
+    factory,
+    config,
+    setup.apply_fn,
+    source_images=setup.source_images,
+    input_shape=setup.shape,
+    num_classes=NUM_CLASSES,
   )
   rng = jax.random.key(args.seed + 1)
   state = adapter.init(setup.variables, rng)
