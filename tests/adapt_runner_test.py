@@ -105,21 +105,29 @@ class AdaptRunnerTest(absltest.TestCase):
       self.assertEqual(r['ece'], v['ece'])
 
   def test_vmapped_domains_equal_sequential(self):
-    config = _config(setting='reset_each_shift')
-    seq = adapt.run(config, self.workdir())
-    par = adapt.run(
-      _config(setting='reset_each_shift', parallel='domains'), self.workdir()
-    )
+    # With the clean check: it adapts from the last stream's final state.
+    kw = dict(setting='reset_each_shift', clean_eval_examples=32)
+    seq = adapt.run(_config(**kw), self.workdir())
+    par = adapt.run(_config(parallel='domains', **kw), self.workdir())
     self.assertEqual(_errors(seq), _errors(par))
+    self.assertEqual(
+      seq['methods']['tent']['clean_error_after'],
+      par['methods']['tent']['clean_error_after'],
+    )
     for d, v in seq['methods']['tent']['domains'].items():
       self.assertAlmostEqual(
         v['nll'], par['methods']['tent']['domains'][d]['nll'], places=4
       )
 
   def test_vmapped_seeds_equal_sequential(self):
-    seq = adapt.run(_config(seeds='0,1'), self.workdir())
-    par = adapt.run(_config(seeds='0,1', parallel='seeds'), self.workdir())
+    kw = dict(seeds='0,1', clean_eval_examples=32)
+    seq = adapt.run(_config(**kw), self.workdir())
+    par = adapt.run(_config(parallel='seeds', **kw), self.workdir())
     self.assertEqual(_errors(seq), _errors(par))
+    self.assertEqual(
+      seq['methods']['tent']['clean_error_after'],
+      par['methods']['tent']['clean_error_after'],
+    )
     self.assertEqual(seq['methods']['tent']['num_seeds'], 2)
     self.assertIn('mean_error_std', par['methods']['tent'])
 

@@ -46,6 +46,7 @@ class NotebooksRunTest(parameterized.TestCase):
         m.Image = m.Markdown = lambda *a, **k: a
         ipython = types.ModuleType('IPython')
         ipython.get_ipython = lambda: None
+        ipython.version_info = (9, 0)  # read by matplotlib
         ipython.display = m
         sys.modules['IPython'] = ipython
         sys.modules['IPython.display'] = m

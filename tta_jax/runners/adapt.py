@@ -138,6 +138,17 @@ def stream_axes(adapter, state):
   return axes._replace(params=jax.tree.map(lambda m: 0 if m else None, mask))
 
 
+def take_stream(adapter, state, i: int):
+  """Stream `i` of a K-stream state laid out by `stream_axes`."""
+  axes = stream_axes(adapter, state)
+  return jax.tree.map(
+    lambda a, x: x if a is None else x[i],
+    axes,
+    state,
+    is_leaf=lambda a: a is None,
+  )
+
+
 def _check_same_structure(positions: Sequence[list]) -> None:
   ref = [(r, n) for r, _, _, n in positions[0]]
   for pos in positions[1:]:
@@ -560,7 +571,7 @@ def run_method(
       name=name,
       **run_kwargs,
     )
-    results_by_seed.extend(_split_k(res))
+    results_by_seed.extend(_split_k(adapter, res))
   else:
     for seed in seeds:
       plan = streams.plan(config.setting, domains, seed=seed, **plan_kwargs)
@@ -645,11 +656,11 @@ def _run_per_domain_parallel(
     valid=cat('valid'),
     seconds=sum(r.seconds.sum(0, keepdims=True) for r in parts),
     compile_seconds=sum(r.compile_seconds for r in parts),
-    final_state=jax.tree.map(lambda x: x[-1], last),
+    final_state=take_stream(adapter, last, -1),
   )
 
 
-def _split_k(res: StreamResult) -> list[StreamResult]:
+def _split_k(adapter, res: StreamResult) -> list[StreamResult]:
   out = []
   for s in range(res.correct.shape[0]):
     fields = {}
@@ -661,7 +672,7 @@ def _split_k(res: StreamResult) -> list[StreamResult]:
     fields['final_state'] = (
       None
       if res.final_state is None
-      else jax.tree.map(lambda x, s=s: x[s], res.final_state)
+      else take_stream(adapter, res.final_state, s)
     )
     out.append(StreamResult(**fields))
   return out
