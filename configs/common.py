@@ -2,24 +2,10 @@
 
 import ml_collections
 
+from tta_jax.data import corruptions
+
 # The 15 ImageNet-C corruption families, in the standard order.
-CORRUPTIONS = (
-  'gaussian_noise',
-  'shot_noise',
-  'impulse_noise',
-  'defocus_blur',
-  'glass_blur',
-  'motion_blur',
-  'zoom_blur',
-  'snow',
-  'frost',
-  'fog',
-  'brightness',
-  'contrast',
-  'elastic_transform',
-  'pixelate',
-  'jpeg_compression',
-)
+CORRUPTIONS = corruptions.CORRUPTIONS
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -46,27 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from tta_jax.data import image_folder, sources, tfds_sources
+from tta_jax.data import (
+  corruptions as corruptions_lib,
+  image_folder,
+  sources,
+  tfds_sources,
+)
 
 # The 15 benchmark corruptions of Hendrycks & Dietterich (2019), in the
 # order of their paper, Tent and CoTTA (RobustBench lists another order).
-CORRUPTIONS = (
-  'gaussian_noise',
-  'shot_noise',
-  'impulse_noise',
-  'defocus_blur',
-  'glass_blur',
-  'motion_blur',
-  'zoom_blur',
-  'snow',
-  'frost',
-  'fog',
-  'brightness',
-  'contrast',
-  'elastic_transform',
-  'pixelate',
-  'jpeg_compression',
-)
+CORRUPTIONS = corruptions_lib.CORRUPTIONS
 # The held-out four, released beside them.
 EXTRA_CORRUPTIONS = ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -514,7 +503,6 @@ def cifar100_corrupted(
   released CIFAR-100-C pixels: use `cifar100_c` for those. Default: all of
   that module's `CORRUPTIONS`.
   """
-  from tta_jax.data import corruptions as corruptions_lib
 
   names = _corruptions(
     corruptions, corruptions_lib.CORRUPTIONS, corruptions_lib.CORRUPTIONS

@@ -153,3 +153,21 @@ def materialize(source: Source, batch_size: int = 1024) -> Batch:
     for i in range(0, n, batch_size)
   ]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def padded_batches(data: Mapping[str, np.ndarray], batch_size: int):
+  """Fixed-shape batches of an in-memory split, with a validity mask.
+
+  The last batch is padded by repeating its first row (`mask` False there),
+  so a jitted consumer compiles one shape. data: `image`, `label` arrays.
+  """
+  n = len(data['label'])
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < n
+    idx = np.where(valid, idx, start)
+    yield {
+      'image': data['image'][idx],
+      'label': data['label'][idx],
+      'mask': valid,
+    }

@@ -455,7 +455,7 @@ def meta_train(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
         if t not in val_parts:
           continue
         state = adapter.init(split.variables, eval_key)
-        for batch in _padded_batches(val_parts[t], cfg.batch_size):
+        for batch in sources.padded_batches(val_parts[t], cfg.batch_size):
           state, out = step_jit(
             state, {'image': batch['image'], 'mask': batch['mask']}, meta=phi
           )
@@ -590,19 +590,6 @@ def _canonical(variables):
   # Freshly trained and checkpoint-restored backbones can differ in weak
   # types; one abstract signature keeps the meta-train step compiled once.
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), variables)
-
-
-def _padded_batches(data, batch_size):
-  n = len(data['label'])
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    valid = idx < n
-    idx = np.where(valid, idx, start)
-    yield {
-      'image': data['image'][idx],
-      'label': data['label'][idx],
-      'mask': valid,
-    }
 
 
 def _meta_source_backbone(ctx, cfg, target: str):

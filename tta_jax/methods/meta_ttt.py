@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from tta_jax import models
 from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax.data import sources
 
 # The BN layer right before global pooling in each registered model family:
 # DigitsCNN `bn4`, WideResNet and ResNet-26 `bn`, ResNet-18 `layer4_1/bn2`
@@ -561,7 +562,7 @@ def meta_train(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
     state = adapter.init({'params': theta, 'batch_stats': batch_stats}, ctx.rng)
     correct, n = 0, 0
     for data in val:
-      for batch in _padded_batches(data, cfg.batch_size):
+      for batch in sources.padded_batches(data, cfg.batch_size):
         logits = np.asarray(
           predict(state, {'image': batch['image'], 'mask': batch['mask']})
         )
@@ -669,17 +670,3 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
 def _first(source, n: int) -> dict[str, np.ndarray]:
   n = len(source) if not n else min(n, len(source))
   return source[np.arange(n)]
-
-
-def _padded_batches(data, batch_size: int):
-  """Fixed-shape batches with a validity mask (one compiled shape)."""
-  n = len(data['label'])
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    valid = idx < n
-    idx = np.where(valid, idx, start)
-    yield {
-      'image': data['image'][idx],
-      'label': data['label'][idx],
-      'mask': valid,
-    }
