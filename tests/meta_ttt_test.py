@@ -7,11 +7,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from absl.testing import absltest
 
-from configs import meta_ttt_digits
+from configs import meta_ttt_cifar, meta_ttt_digits
 from tta_jax import models
 from tta_jax._src import losses, params as params_lib, test_utils
 from tta_jax.methods import meta_ttt
@@ -329,6 +331,15 @@ class ConfigTest(absltest.TestCase):
     )
     self.assertEqual(config.meta_train.meta_ttt_no_shift.shift_p, 0.0)
 
+  def test_variants_inherit_the_main_trainer(self):
+    config = meta_ttt_cifar.get_config('ablations=true,steps=7')
+    for name in ('meta_ttt', 'meta_ttt_fixed_alpha', 'meta_ttt_no_minimax'):
+      self.assertEqual(config.meta_train[name].steps, 7)
+      self.assertEqual(
+        config.meta_train[name].shift_p, meta_ttt_digits.STEM16_SHIFT_P
+      )
+    self.assertEqual(config.meta_train.meta_ttt_no_shift.shift_p, 0.0)
+
 
 # Meta-training compiles two second-order steps: ~1-2 min on 2 CPU cores,
 # too slow for the default suite (run with `-m slow`).
@@ -348,6 +359,22 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(list(results['methods']), ['source', 'meta_ttt'])
     for name in results['methods']:
       self.assertBetween(results['methods'][name]['mean_error'], 0.0, 1.0)
+
+  def test_cifar_config_meta_trains_on_the_clean_train_split(self):
+    # configs/meta_ttt_cifar.py end to end on TFDS mock data (the real
+    # `tfds.data_source` path), with a tiny CNN in place of WRN-28-10: the
+    # source model is pretrained on the train split, then meta-trained.
+    config = meta_ttt_cifar.get_config('small')
+    config.model = ml_collections.ConfigDict({'name': 'digits_cnn', 'width': 4})
+    config.data.loader_kwargs.corruptions = ('fog',)
+    config.data.max_examples_per_domain = 16
+    config.pretrain.update(epochs=1, batch_size=32)
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    with tfds.testing.mock_data(num_examples=64):
+      meta_train.run(config, workdir)
+    metrics = json.loads((workdir / 'meta/meta_ttt/metadata.json').read_text())
+    self.assertEqual(metrics['method'], 'meta_ttt')
+    self.assertTrue((workdir / 'meta/meta_ttt/backbone/metadata.json').exists())
 
 
 if __name__ == '__main__':
