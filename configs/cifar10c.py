@@ -36,6 +36,12 @@ def get_config(arg=None):
   )
   config.data.clean_name = 'cifar10'  # forgetting check, if on disk
   config.data.clean_kwargs = ml_collections.ConfigDict({'data_dir': ''})
+  # The labelled source split, for meta-training (configs/meta_ttt_cifar.py
+  # sets it; '' for plain TTA, which never reads it).
+  config.data.source_train_name = ''
+  config.data.source_train_kwargs = ml_collections.ConfigDict(
+    {'data_dir': '', 'split': 'train'}
+  )
   config.model = ml_collections.ConfigDict({'name': 'wide_resnet28_10'})
   config.source_ckpt = ''  # required: a converted RobustBench checkpoint
   config.methods = 'source,norm,tent'

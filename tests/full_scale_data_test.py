@@ -16,7 +16,14 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from tta_jax.data import full_scale, image_folder, streams, tfds_sources
+from configs import meta_ttt_cifar
+from tta_jax.data import (
+  benchmarks,
+  full_scale,
+  image_folder,
+  streams,
+  tfds_sources,
+)
 
 HAVE_CORRUPTIONS = (
   importlib.util.find_spec('tta_jax.data.corruptions') is not None
@@ -92,6 +99,23 @@ class TfdsMockTest(parameterized.TestCase):
         d.source[np.array([4])]['image'][0], batch['image'][4]
       )
       np.testing.assert_array_equal(d.source.labels, batch['label'])
+
+  def test_cifar_benchmark_with_source_train_split(self):
+    # configs/meta_ttt_cifar.py: the clean train split feeds meta-training.
+    config = meta_ttt_cifar.get_config('small')
+    with tfds.testing.mock_data(num_examples=6):
+      bench = benchmarks.build(config.data, config.setting)
+      (train,), (val,) = bench.meta_source_domains()
+      self.assertEqual(train.source.name, 'cifar10:train')
+      self.assertEqual(val.source.name, 'cifar10:test')
+      _check_batch(self, train.source[np.arange(3)], 3, (32, 32, 3), 10)
+    # Without it (plain TTA), meta-training says what is missing.
+    config.data.source_train_name = ''
+    with tfds.testing.mock_data(num_examples=6):
+      bench = benchmarks.build(config.data, config.setting)
+    self.assertIsNone(bench.source_train)
+    with self.assertRaisesRegex(ValueError, 'no labelled source data'):
+      bench.meta_source_domains()
 
   def test_gradual_severities_make_one_domain_each_and_reuse_sources(self):
     with tfds.testing.mock_data(num_examples=3):

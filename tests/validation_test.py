@@ -1,5 +1,8 @@
 """Bad input fails clearly; permutation equivariance of batch methods."""
 
+import pathlib
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +10,11 @@ import optax
 from absl.testing import absltest, parameterized
 
 import tta_jax as tj
+from configs import default
 from tta_jax import methods
 from tta_jax._src import params as params_lib, test_utils
+from tta_jax.data import benchmarks
+from tta_jax.runners import pretrain
 
 ADAM = {'name': 'adam', 'learning_rate': 1e-3}
 
@@ -77,6 +83,13 @@ class BadInputTest(parameterized.TestCase):
     batch = test_utils.fake_batch(0, 4, labels=False)
     with self.assertRaisesRegex(ValueError, 'inject_hyperparams'):
       self.tent.step(self.state, batch, meta={'log_learning_rate': 0.0})
+
+  def test_pretraining_needs_a_batch_of_source_examples(self):
+    config = default.get_config('small')
+    config.pretrain.batch_size = 10**6
+    bench = benchmarks.build(config.data, config.setting)
+    with self.assertRaisesRegex(ValueError, 'fewer than one batch'):
+      pretrain.train(config, bench, pathlib.Path(tempfile.mkdtemp()))
 
 
 class EquivarianceTest(parameterized.TestCase):

@@ -325,19 +325,30 @@ def _full_scale(cfg, setting) -> Benchmark:
   shape = tuple(domains[0].source[np.arange(1)]['image'].shape[1:])
   clean = None
   if cfg.clean_name:
-    clean_domains = full_scale.load_domains(
-      cfg.clean_name, **dict(cfg.clean_kwargs)
+    clean = _one_source(full_scale, cfg.clean_name, cfg.clean_kwargs)
+  # The labelled source split (meta-training reads it), e.g. CIFAR's train.
+  train = None
+  if cfg.get('source_train_name'):
+    train = _one_source(
+      full_scale, cfg.source_train_name, cfg.get('source_train_kwargs', {})
     )
-    clean = clean_domains[0].source
   return Benchmark(
     cfg.name,
     domains,
     shape,
     cfg.num_classes,
+    source_train=train,
     source_val=clean,
     clean_test=clean,
     class_subset=subset,
   )
+
+
+def _one_source(full_scale, name: str, kwargs) -> sources.Source:
+  (domain, *rest) = full_scale.load_domains(name, **dict(kwargs))
+  if rest:
+    raise ValueError(f'{name!r} gave {len(rest) + 1} domains, expected one')
+  return domain.source
 
 
 def _relabel(domain: sources.Domain, subset: np.ndarray) -> sources.Domain:

@@ -59,8 +59,8 @@ def open_data_source(name: str, split: str, data_dir: str | None = None):
   import tensorflow_datasets as tfds
 
   try:
-    return tfds.data_source(
-      name, split=split, data_dir=data_dir, download=False
+    return tfds.data_source(  # '' (a config's unset dir): TFDS's default
+      name, split=split, data_dir=data_dir or None, download=False
     )
   except (
     NotImplementedError,

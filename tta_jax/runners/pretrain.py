@@ -57,6 +57,11 @@ def train(config, benchmark: benchmarks.Benchmark, workdir):
   train_src = benchmark.source_train
   n = len(train_src)
   steps_per_epoch = n // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f'{benchmark.name}: {n} source training examples, fewer than one '
+      f'batch (pretrain.batch_size={cfg.batch_size})'
+    )
   total = steps_per_epoch * cfg.epochs
   schedule = optax.cosine_decay_schedule(cfg.learning_rate, total)
   tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
