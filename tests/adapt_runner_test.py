@@ -141,6 +141,34 @@ class AdaptRunnerTest(absltest.TestCase):
         v['nll'], sharded['methods']['tent']['domains'][d]['nll'], places=4
       )
 
+  def test_mixed_bn_for_any_batch_bn_method(self):
+    # Meta-TTT's mixed BN as a runner option: with alpha=1 (the source
+    # statistics' weight) and a zero learning rate Tent predicts as `source`.
+    config = _config(methods='source,tent,tent_src,tent_mixed')
+    tent_src = config.method_configs.tent.to_dict()
+    tent_src['optimizer']['learning_rate'] = 0.0
+    config.method_configs.tent_src = {
+      **tent_src,
+      'method': 'tent',
+      'mixed_bn_alpha': 1.0,
+    }
+    config.method_configs.tent_mixed = {
+      **config.method_configs.tent,
+      'method': 'tent',
+      'mixed_bn_alpha': 0.5,
+    }
+    results = adapt.run(config, self.workdir())
+    self.assertEqual(_errors(results, 'tent_src'), _errors(results, 'source'))
+    self.assertNotEqual(_errors(results, 'tent_mixed'), _errors(results))
+    config = _config(methods='t3a')
+    config.method_configs.t3a.mixed_bn_alpha = 0.5
+    with self.assertRaisesRegex(ValueError, "'t3a' picks its own BN"):
+      adapt.run(config, self.workdir())
+    config = _config(methods='tent')
+    config.method_configs.tent.mixed_bn_alpha = 1.5
+    with self.assertRaisesRegex(ValueError, r'must be in \[0, 1\]'):
+      adapt.run(config, self.workdir())
+
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, r"unknown methods \['tentt'\]"):
       adapt.run(_config(methods='tentt'), self.workdir())

@@ -124,6 +124,24 @@ def make_apply_fn(
   return apply_fn
 
 
+def with_batch_bn(apply_fn: ApplyFn, mode: BNMode) -> ApplyFn:
+  """`apply_fn` whose test-batch normalisation is `mode`.
+
+  Calls with `use_batch_stats=True` (and no explicit `bn_mode`) normalise
+  with `mode` instead of the batch alone, e.g. Meta-TTT's mixed BN
+  (`meta_ttt.mixed_bn(alpha)`) under Tent or BN adaptation.
+  """
+
+  def apply(
+    params, batch_stats, images, *, use_batch_stats=False, bn_mode=None, **kw
+  ):
+    if bn_mode is None and use_batch_stats:
+      bn_mode = mode
+    return apply_fn(params, batch_stats, images, bn_mode=bn_mode, **kw)
+
+  return apply
+
+
 def init_variables(
   module: nn.Module, input_shape: Sequence[int], rng: jax.Array
 ) -> dict[str, Any]:

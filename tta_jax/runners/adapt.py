@@ -80,6 +80,7 @@ def validate_config(config) -> list[str]:
         f'method_configs.{m}.method={factory!r} is not a '
         f'registered method; valid: {sorted(methods.METHODS)}'
       )
+    with_mixed_bn(config, m, None)  # checks mixed_bn_alpha
   streams.parse_setting(config.setting)
   if config.parallel not in PARALLEL:
     raise ValueError(
@@ -101,10 +102,42 @@ def factory_name(config, name: str) -> str:
   return config.method_configs[name].get('method', name)
 
 
+# Keys of `config.method_configs.<name>` the runner reads (not the factory).
+RUNNER_KEYS = ('method', 'mixed_bn_alpha')
+# Methods whose test-batch BN `mixed_bn_alpha` replaces: they normalise with
+# `use_batch_stats=True` (the others pick their own BN statistics; `norm`
+# mixes with its own `source_weight`).
+MIXED_BN_METHODS = ('tent', 'eata', 'eta', 'sar', 'cotta')
+
+
 def method_kwargs(config, name: str) -> dict[str, Any]:
   kwargs = config.method_configs[name].to_dict()
-  kwargs.pop('method', None)
+  for key in RUNNER_KEYS:
+    kwargs.pop(key, None)
   return kwargs
+
+
+def with_mixed_bn(config, name: str, apply_fn):
+  """`method_configs.<name>.mixed_bn_alpha`: Meta-TTT's mixed BN, any method.
+
+  Test-batch statistics are mixed with the source statistics with weight
+  `alpha` on the source (exact mixture variance, unbiased batch variance;
+  1: source BN, 0: test-batch BN), for the methods of `MIXED_BN_METHODS`.
+  """
+  alpha = config.method_configs[name].get('mixed_bn_alpha')
+  if alpha is None:
+    return apply_fn
+  factory = factory_name(config, name)
+  if factory not in MIXED_BN_METHODS:
+    raise ValueError(
+      f'method_configs.{name}.mixed_bn_alpha: {factory!r} picks its own BN '
+      f'statistics; mixed BN applies to {list(MIXED_BN_METHODS)}'
+    )
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f'mixed_bn_alpha must be in [0, 1], got {alpha}')
+  from tta_jax.methods import meta_ttt
+
+  return models.with_batch_bn(apply_fn, meta_ttt.mixed_bn(float(alpha)))
 
 
 def seeds_of(config) -> list[int]:
@@ -522,6 +555,7 @@ def run_method(
   apply_fn, method_variables, meta = method_artifacts(
     workdir, name, apply_fn, variables, benchmark
   )
+  apply_fn = with_mixed_bn(config, name, apply_fn)
   adapter = methods.from_config(
     factory_name(config, name), method_kwargs(config, name), apply_fn, **context
   )

@@ -27,7 +27,7 @@ from absl import logging
 
 from tta_jax._src import checkpoint, meta as meta_lib
 from tta_jax.data import benchmarks
-from tta_jax.runners import common
+from tta_jax.runners import adapt, common
 
 
 def _trainers() -> dict[str, Any]:
@@ -126,11 +126,7 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
       config=config,
       method_config=config.meta_train[name],
       method_kwargs=(
-        {
-          k: v
-          for k, v in config.method_configs[name].to_dict().items()
-          if k != 'method'
-        }
+        adapt.method_kwargs(config, name)
         if name in config.method_configs
         else {}
       ),
