@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 5e-4,
       'bn_momentum': 0.9,
       'max_translation': 2,
+      # A checkpoint to start from (e.g. ImageNet weights converted by
+      # experiments.convert_torch_main); '' trains from scratch.
+      'init_ckpt': '',
     }
   )
   config.methods = 'source,norm,tent'  # comma-separated, compared side by side

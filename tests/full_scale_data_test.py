@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from configs import meta_ttt_cifar
+from configs import generalizeformer_pacs, meta_ttt_cifar
 from tta_jax.data import (
   benchmarks,
   full_scale,
@@ -116,6 +116,20 @@ class TfdsMockTest(parameterized.TestCase):
     self.assertIsNone(bench.source_train)
     with self.assertRaisesRegex(ValueError, 'no labelled source data'):
       bench.meta_source_domains()
+
+  def test_domainnet_leave_one_domain_out(self):
+    config = generalizeformer_pacs.get_config('dataset=domainnet')
+    config.data.loader_kwargs.update(
+      domains=('clipart', 'sketch'), image_size=32
+    )
+    with tfds.testing.mock_data(num_examples=4):
+      (held, bench), _ = benchmarks.targets(config.data, config.setting)
+      self.assertEqual(held, 'clipart')
+      self.assertLen(bench.domains[0].source, 8)  # train + test, once each
+      (train,), (val,) = bench.meta_source_domains()
+      self.assertEqual(train.source.name, 'domainnet/sketch:train')
+      self.assertEqual(val.source.name, 'domainnet/sketch:test')
+      _check_batch(self, train.source[np.arange(2)], 2, (32, 32, 3), 345)
 
   def test_gradual_severities_make_one_domain_each_and_reuse_sources(self):
     with tfds.testing.mock_data(num_examples=3):
@@ -474,6 +488,30 @@ class ImageFolderTest(parameterized.TestCase):
     )
     _check_batch(self, domains[2].source[np.array([1, 0])], 2, (224, 224, 3), 2)
     self.assertEqual(domains[0].info['class_names'], ['dog', 'guitar'])
+
+  def test_pacs_leave_one_domain_out(self):
+    # configs/generalizeformer_pacs.py's benchmark on a generated tree.
+    root = _tempdir(self)
+    for d in full_scale.DOMAINBED_DOMAINS['pacs']:
+      for c in ('guitar', 'dog'):
+        for i in range(5):
+          _save(os.path.join(root, d, c, f'{i}.jpg'), (40, 30), 'RGB', 50 * i)
+    config = generalizeformer_pacs.get_config()
+    config.data.loader_kwargs.update(data_dir=root, image_size=32)
+    targets = benchmarks.targets(config.data, config.setting)
+    self.assertEqual(
+      [t for t, _ in targets], list(full_scale.DOMAINBED_DOMAINS['pacs'])
+    )
+    held, bench = targets[1]
+    self.assertEqual([d.name for d in bench.domains], ['cartoon'])
+    self.assertLen(bench.domains[0].source, 10)  # all of the held-out domain
+    train, val = bench.meta_source_domains()
+    self.assertEqual(
+      [d.name for d in train], ['art_painting', 'photo', 'sketch']
+    )
+    self.assertEqual([len(d.source) for d in train], [8, 8, 8])  # 80 %
+    self.assertEqual([len(d.source) for d in val], [2, 2, 2])
+    _check_batch(self, train[0].source[np.arange(2)], 2, (32, 32, 3), 2)
 
 
 def _hendrycks_dir(root, corruptions, n=4, num_classes=10):

@@ -169,7 +169,7 @@ def make_meta_train_step(
     )
     updates, opt_state = meta_tx.update(grads, state.opt_state, state.meta)
     new_meta = optax.apply_updates(state.meta, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return state._replace(
       meta=new_meta, opt_state=opt_state, step=state.step + 1
     ), metrics

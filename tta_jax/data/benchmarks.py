@@ -71,7 +71,11 @@ def leave_one_out(
     raise ValueError(f'unknown held-out domain {target!r}; valid: {names}')
   held = dg_domains[names.index(target)]
   others = [d for d in dg_domains if d.name != target]
-  test = sources.ConcatSource([held.train, held.val, held.test])
+  # Full-scale datasets have two parts per domain (val is test): once each.
+  parts = [held.train, held.val]
+  if held.test is not held.val:
+    parts.append(held.test)
+  test = sources.ConcatSource(parts)
   return Benchmark(
     name=f'{name}:{target}',
     domains=[
@@ -161,6 +165,20 @@ def _full_scale_dg(cfg) -> list[DGDomain]:
   ]
 
 
+def _domainnet_dg(cfg) -> list[DGDomain]:
+  """DomainNet from TFDS: each domain's train split trains, its test split
+  selects (and measures forgetting)."""
+  from tta_jax.data import full_scale
+
+  kwargs = dict(cfg.loader_kwargs)
+  train = full_scale.domainnet(split='train', **kwargs)
+  test = full_scale.domainnet(split='test', **kwargs)
+  return [
+    DGDomain(t.name, t.source, h.source, h.source)
+    for t, h in zip(train, test, strict=True)
+  ]
+
+
 DG_BENCHMARKS = {
   'digits_rotated_dg': _digits_rotated_dg,
   'digits_corrupted_dg': _digits_corrupted_dg,
@@ -168,6 +186,7 @@ DG_BENCHMARKS = {
   'vlcs': _full_scale_dg,
   'office_home': _full_scale_dg,
   'terra_incognita': _full_scale_dg,
+  'domainnet': _domainnet_dg,
 }
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from tta_jax import models
 from tta_jax._src import checkpoint, losses, metrics
@@ -50,6 +51,48 @@ def evaluate(apply_fn, variables, source: sources.Source, batch_size=500):
   )['error']
 
 
+def warm_start(variables, directory, model_config):
+  """`variables` with every leaf of the checkpoint in `directory` whose path
+  and shape agree (`config.pretrain.init_ckpt`, e.g. torchvision's ImageNet
+  ResNet-18 converted by `experiments.convert_torch_main`); the others (a
+  classifier for another number of classes) keep their fresh init."""
+  metadata = checkpoint.load_metadata(directory)
+  if metadata is None or not checkpoint.has_variables(directory):
+    raise FileNotFoundError(
+      f'pretrain.init_ckpt={str(directory)!r} holds no checkpoint (expected '
+      'variables/ and metadata.json, as convert_torch_main writes them)'
+    )
+  if metadata['model']['name'] != model_config['name']:
+    raise ValueError(
+      f'pretrain.init_ckpt holds a {metadata["model"]["name"]!r}, the '
+      f'config trains a {model_config["name"]!r}'
+    )
+  module = models.build(
+    metadata['model']['name'],
+    num_classes=metadata['num_classes'],
+    **common.model_kwargs(metadata['model']),
+  )
+  template = models.init_variables(
+    module, metadata['input_shape'], jax.random.key(0)
+  )
+  loaded = traverse_util.flatten_dict(
+    checkpoint.load_variables(directory, template)
+  )
+  flat = traverse_util.flatten_dict(variables)
+  fresh = []
+  for path, leaf in flat.items():
+    if path in loaded and loaded[path].shape == leaf.shape:
+      flat[path] = jnp.asarray(loaded[path], leaf.dtype)
+    else:
+      fresh.append('/'.join(path))
+  if len(fresh) == len(flat):
+    raise ValueError(f'pretrain.init_ckpt: no variable of {directory} fits')
+  logging.info(
+    'Initialised from %s; freshly initialised: %s', directory, fresh or 'none'
+  )
+  return traverse_util.unflatten_dict(flat)
+
+
 def train(config, benchmark: benchmarks.Benchmark, workdir):
   """Trains the source model; returns `(variables, metadata)`."""
   cfg = config.pretrain
@@ -67,6 +110,8 @@ def train(config, benchmark: benchmarks.Benchmark, workdir):
   tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   rng = jax.random.key(config.seed)
   variables = models.init_variables(module, benchmark.input_shape, rng)
+  if cfg.get('init_ckpt'):
+    variables = warm_start(variables, cfg.init_ckpt, config.model)
   state = {
     'variables': variables,
     'opt_state': tx.init(variables['params']),
