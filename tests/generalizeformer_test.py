@@ -15,6 +15,7 @@ from PIL import Image
 from configs import generalizeformer_dg, generalizeformer_pacs
 from tta_jax import models
 from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
+from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.models import generator as generator_lib
 from tta_jax.runners import adapt, meta_train
@@ -401,6 +402,24 @@ class EndToEndTest(absltest.TestCase):
 
 
 class ConfigTest(absltest.TestCase):
+  def test_corrupted_domain_generalisation_benchmark(self):
+    config = generalizeformer_dg.get_config('small,shift=corrupted')
+    ((held, bench),) = benchmarks.targets(config.data, config.setting)
+    self.assertEqual(held, 'contrast')
+    train, val = bench.meta_source_domains()
+    self.assertEqual([d.name for d in train], ['clean', 'gaussian_noise'])
+    self.assertLen(val, 2)
+    clean = train[0].source[np.arange(64)]['image']
+    noisy = train[1].source[np.arange(64)]['image']
+    target = bench.domains[0].source[np.arange(64)]['image']
+    self.assertEqual(clean.shape, (64, 28, 28, 1))
+    # Noise roughens neighbouring pixels; contrast shrinks the spread.
+    tv = [np.abs(np.diff(x, axis=2)).mean() for x in (clean, noisy)]
+    self.assertGreater(tv[1], 1.4 * tv[0])
+    self.assertLess(target.std(), 0.5 * clean.std())
+    with self.assertRaisesRegex(ValueError, 'shift must be'):
+      generalizeformer_dg.get_config('shift=blur')
+
   def test_paper_dataset_configs_build(self):
     for dataset, k in generalizeformer_pacs.NUM_CLASSES.items():
       for arg in (f'dataset={dataset}', f'dataset={dataset},ablations=true'):
