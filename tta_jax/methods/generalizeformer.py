@@ -505,7 +505,7 @@ def meta_train(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
       b = train_parts[names[d]][
         r.integers(0, len(train_parts[names[d]]), cfg.backbone_batch_size)
       ]
-      train['backbone'], train['backbone_opt'] = backbone_step(
+      train['backbone'], train['backbone_opt'], _ = backbone_step(
         train['backbone'], train['backbone_opt'], b['image'], b['label']
       )
       split = _Split(
@@ -655,29 +655,10 @@ def _meta_source_backbone(ctx, cfg, target: str):
 
 def _backbone_trainer(ctx, cfg):
   """The 'joint' backbone's AdamW cross-entropy step (BN EMA as pretrain)."""
+  from tta_jax.runners import pretrain
+
   tx = optax.adamw(cfg.backbone_learning_rate, weight_decay=5e-4)
-  momentum = ctx.config.pretrain.bn_momentum
-
-  @jax.jit
-  def step(variables, opt_state, images, labels):
-    def loss_fn(params):
-      out = ctx.apply_fn(
-        params, variables['batch_stats'], images, use_batch_stats=True
-      )
-      return losses.cross_entropy(out.logits, labels).mean(), out.batch_stats
-
-    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables['params']
-    )
-    updates, opt_state = tx.update(grads, opt_state, variables['params'])
-    ema = jax.tree.map(
-      lambda s, b: momentum * s + (1 - momentum) * b,
-      variables['batch_stats'],
-      stats,
-    )
-    return {
-      'params': optax.apply_updates(variables['params'], updates),
-      'batch_stats': ema,
-    }, opt_state
-
-  return tx, step
+  step = pretrain.supervised_step(
+    ctx.apply_fn, tx, ctx.config.pretrain.bn_momentum
+  )
+  return tx, jax.jit(step)

@@ -93,6 +93,36 @@ def warm_start(variables, directory, model_config):
   return traverse_util.unflatten_dict(flat)
 
 
+def supervised_step(apply_fn, tx: optax.GradientTransformation, momentum):
+  """The source recipe's step: cross-entropy in train-mode BN, BN EMA.
+
+  Returns `step(variables, opt_state, images, labels) -> (variables,
+  opt_state, loss)`; the running statistics move to the batch's by
+  `1 - momentum`.
+  """
+
+  def step(variables, opt_state, images, labels):
+    def loss_fn(params):
+      out = apply_fn(
+        params, variables['batch_stats'], images, use_batch_stats=True
+      )
+      return losses.cross_entropy(out.logits, labels).mean(), out.batch_stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      variables['params']
+    )
+    updates, opt_state = tx.update(grads, opt_state, variables['params'])
+    ema = jax.tree.map(
+      lambda s, b: momentum * s + (1 - momentum) * b,
+      variables['batch_stats'],
+      stats,
+    )
+    params = optax.apply_updates(variables['params'], updates)
+    return {'params': params, 'batch_stats': ema}, opt_state, loss
+
+  return step
+
+
 def train(config, benchmark: benchmarks.Benchmark, workdir):
   """Trains the source model; returns `(variables, metadata)`."""
   cfg = config.pretrain
@@ -122,31 +152,7 @@ def train(config, benchmark: benchmarks.Benchmark, workdir):
     state = ckpt.restore(state)
     logging.info('Resuming source training at epoch %d', int(state['epoch']))
 
-  @jax.jit
-  def train_step(variables, opt_state, images, labels):
-    def loss_fn(params):
-      out = apply_fn(
-        params, variables['batch_stats'], images, use_batch_stats=True
-      )
-      return losses.cross_entropy(out.logits, labels).mean(), out.batch_stats
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables['params']
-    )
-    updates, opt_state = tx.update(grads, opt_state, variables['params'])
-    ema = jax.tree.map(
-      lambda s, b: cfg.bn_momentum * s + (1 - cfg.bn_momentum) * b,
-      variables['batch_stats'],
-      stats,
-    )
-    return (
-      {
-        'params': optax.apply_updates(variables['params'], updates),
-        'batch_stats': ema,
-      },
-      opt_state,
-      loss,
-    )
+  train_step = jax.jit(supervised_step(apply_fn, tx, cfg.bn_momentum))
 
   t0 = time.perf_counter()
   variables, opt_state = state['variables'], state['opt_state']
