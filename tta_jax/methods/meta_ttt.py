@@ -12,6 +12,7 @@ flows through the inner SGD step), while a random per-channel affine
 transform after the stem convolution synthesises domain shifts.
 """
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -112,6 +113,7 @@ class Minimax(NamedTuple):
   groups: Callable  # (params, batch_stats) -> {'max': mask, 'min': mask}
   adapt: Callable  # (params, batch_stats, images, mask, *, phases, ...)
   bn_mode: models.BNMode
+  hparams: dict[str, Any]  # make_minimax's keywords, defaults filled in
 
 
 def make_minimax(
@@ -131,7 +133,12 @@ def make_minimax(
   adapt_alpha: bool = False,
   alpha_lr: float = 0.1,
 ) -> Minimax:
-  """Builds the parameter groups and the max/min SGD steps (see `meta_ttt`)."""
+  """Builds the parameter groups and the max/min SGD steps.
+
+  These keywords are `meta_ttt`'s (documented there, which shares this
+  signature).
+  """
+  hparams = {k: v for k, v in locals().items() if k != 'apply_fn'}
   if groups not in ('code', 'paper'):
     raise ValueError(f"meta_ttt: groups must be 'code' or 'paper': {groups}")
   if adapt_alpha and alpha is not None:
@@ -217,26 +224,10 @@ def make_minimax(
       metrics[f'{phase}_confident'] = n_conf / jnp.maximum(jnp.sum(valid), 1)
     return params, metrics
 
-  return Minimax(groups_fn, adapt, bn_mode)
+  return Minimax(groups_fn, adapt, bn_mode, hparams)
 
 
-def meta_ttt(
-  apply_fn,
-  *,
-  threshold: float = 0.8,
-  loss: str = 'gem_t',
-  temperature_scale: float = 1.0,
-  max_lr: float = 1e-2,
-  min_lr: float = 1e-2,
-  steps: int = 1,
-  minimax: bool = True,
-  groups: str = 'code',
-  max_layers: str = LAST_BN,
-  exclude: str = 'downsample',
-  alpha: float | None = None,
-  adapt_alpha: bool = False,
-  alpha_lr: float = 0.1,
-) -> base.Adapter:
+def meta_ttt(apply_fn, **hparams) -> base.Adapter:
   """Meta-TTT (Tao, Shen & Mondal, 2024): minimax entropy on mixed BN.
 
   Per test batch, from the meta-trained parameters (episodic: the state's
@@ -287,22 +278,8 @@ def meta_ttt(
     Tao, Shen & Mondal, Meta-TTT: A Meta-learning Minimax Framework For
     Test-Time Training, arXiv 2410.01709 (code: TAOC0002/domain_adapter).
   """
-  inner = make_minimax(
-    apply_fn,
-    threshold=threshold,
-    loss=loss,
-    temperature_scale=temperature_scale,
-    max_lr=max_lr,
-    min_lr=min_lr,
-    steps=steps,
-    minimax=minimax,
-    groups=groups,
-    max_layers=max_layers,
-    exclude=exclude,
-    alpha=alpha,
-    adapt_alpha=adapt_alpha,
-    alpha_lr=alpha_lr,
-  )
+  inner = make_minimax(apply_fn, **hparams)
+  alpha, minimax = inner.hparams['alpha'], inner.hparams['minimax']
 
   def adapted(params, batch_stats):
     g = inner.groups(params, batch_stats)
@@ -324,7 +301,8 @@ def meta_ttt(
         bn = params_lib.bn_affine(params, stats)
         raise ValueError(
           f'meta_ttt: the {phase} step adapts no parameter (groups='
-          f'{groups!r}, max_layers={max_layers!r}); BN parameters: '
+          f'{inner.hparams["groups"]!r}, max_layers='
+          f'{inner.hparams["max_layers"]!r}); BN parameters: '
           f'{params_lib.selected_paths(params, bn)[:6]}'
         )
     return base.AdaptState(
@@ -357,6 +335,12 @@ def meta_ttt(
     )
 
   return base.Adapter(init_fn, step_fn, adapted)
+
+
+# One keyword signature for both (`methods.from_config` reads it).
+meta_ttt.__signature__ = inspect.signature(make_minimax).replace(
+  return_annotation=base.Adapter
+)
 
 
 # ----------------------------------------------------------------------------
