@@ -10,12 +10,14 @@ layer-wise gradients) sit inside the outer one, so second-order terms flow
 unless `first_order=True` is passed down to the methods.
 """
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from tta_jax._src import base, losses
 
@@ -205,3 +207,21 @@ class MetaTrainResult(NamedTuple):
   variables: Any = None  # a meta-trained backbone replacing the source
   model: dict | None = None  # its model config, if it differs (bn_alpha_init)
   metrics: dict = {}  # final scalars (losses, validation accuracy)
+
+
+def log_progress(
+  name: str, done: int, total: int, metrics, seconds: float, hint: str
+) -> dict[str, float]:
+  """Logs a meta-trainer's metrics; a non-finite one stops training.
+
+  Returns the metrics as floats. `hint` says what to change when a metric
+  is not finite.
+  """
+  metrics = {k: float(v) for k, v in metrics.items()}
+  if not all(math.isfinite(v) for v in metrics.values()):
+    raise FloatingPointError(
+      f'{name}: non-finite meta-training metrics at step {done}: '
+      f'{metrics}; {hint}'
+    )
+  logging.info('%s step %d/%d: %s (%.1fs)', name, done, total, metrics, seconds)
+  return metrics

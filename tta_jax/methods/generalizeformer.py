@@ -518,18 +518,13 @@ def meta_train(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
     )
     done = step + 1
     if ctx.log_every and done % ctx.log_every == 0:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      if not all(np.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(
-          f'generalizeformer: non-finite meta-training metrics at step '
-          f'{done}: {metrics}; lower the learning rate'
-        )
-      logging.info(
-        'generalizeformer step %d/%d: %s (%.1fs)',
+      meta_lib.log_progress(
+        'generalizeformer',
         done,
         cfg.steps,
         metrics,
         time.perf_counter() - t0,
+        'lower the learning rate',
       )
     if done % cfg.eval_every == 0 or done == cfg.steps:
       now = splits if not joint else [_Split(train['backbone'], tuple(names))]

@@ -586,19 +586,14 @@ def meta_train(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
     )
     done = step + 1
     if ctx.log_every and done % ctx.log_every == 0:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      if not all(np.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(
-          f'meta_ttt: non-finite meta-training loss at step {done} '
-          f'({metrics}); alpha may have left [0, 1] (mixed variance < 0): '
-          'lower alpha_learning_rate'
-        )
-      logging.info(
-        'meta_ttt step %d/%d: %s (%.1fs)',
+      meta_lib.log_progress(
+        'meta_ttt',
         done,
         cfg.steps,
         metrics,
         time.perf_counter() - t0,
+        'alpha may have left [0, 1] (mixed variance < 0): lower '
+        'alpha_learning_rate',
       )
     if done % cfg.eval_every == 0 or done == cfg.steps:
       acc = val_accuracy(theta) if val else 0.0
