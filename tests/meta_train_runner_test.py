@@ -54,9 +54,13 @@ class MetaTrainRunnerTest(absltest.TestCase):
         self.assertAlmostEqual(
           float(jnp.exp(loaded['log_learning_rate'])), 1e-3, places=6
         )
-      # Meta-training is not repeated.
+      # Meta-training is not repeated, nor reused under other settings.
       again = meta_train.run(config, workdir)
       self.assertEqual(again['rot0']['toy']['metrics'], {'loss': 0.5})
+      changed = config.copy_and_resolve_references()
+      changed.meta_train.toy.scale = 4.0
+      with self.assertRaisesRegex(ValueError, r"other settings.*'meta_train'"):
+        meta_train.run(changed, workdir)
 
       results = adapt.run(config, workdir)
       self.assertEqual(results['protocol'], 'leave_one_domain_out')
@@ -73,6 +77,22 @@ class MetaTrainRunnerTest(absltest.TestCase):
       self.assertIn('held_out', toy)
     finally:
       methods.META_TRAINERS.pop('toy', None)
+
+  def test_partial_run_under_other_settings_is_refused(self):
+    config = default.get_config('small')
+    config.meta_methods = 'meta_ttt'
+    config.method_configs.meta_ttt = {'method': 'meta_ttt'}
+    config.meta_train.meta_ttt = {'steps': 5}
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    kwargs = adapt.method_kwargs(config, 'meta_ttt')
+    progress = workdir / 'meta_ckpt' / 'meta_ttt.json'
+    progress.parent.mkdir(parents=True)
+    progress.write_text(
+      json.dumps({'settings': meta_train.settings(config, 'meta_ttt', kwargs)})
+    )
+    config.method_configs.meta_ttt.max_lr = 0.5  # a test-time keyword
+    with self.assertRaisesRegex(ValueError, r"partial.*'method'"):
+      meta_train.run(config, workdir)
 
   def test_unknown_meta_method(self):
     config = default.get_config('small')

@@ -497,17 +497,18 @@ def _config_hash(config, name: str) -> str:
   # A re-meta-trained method is re-evaluated, not read from the cache.
   if name in config.get('meta_train', {}):
     relevant['meta_train'] = config.meta_train[name]
-  blob = json.dumps(_jsonable(relevant), sort_keys=True)
+  blob = json.dumps(jsonable(relevant), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _jsonable(x):
+def jsonable(x):
+  """`x` (ConfigDicts, tuples, numpy scalars inside) as plain JSON data."""
   if hasattr(x, 'to_dict'):
     x = x.to_dict()
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (np.integer, np.floating)):
     return x.item()
   return x
@@ -811,7 +812,7 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
     sum(len(d) for d in benchmark.domains),
   )
   results = {
-    'config': _jsonable(config),
+    'config': jsonable(config),
     'source': source_meta,
     'domains': [d.name for d in benchmark.domains],
     'methods': {},
@@ -835,7 +836,7 @@ def merge_held_out(config, per_target: Mapping[str, dict]) -> dict[str, Any]:
   targets = list(per_target)
   first = per_target[targets[0]]
   merged = {
-    'config': _jsonable(config),
+    'config': jsonable(config),
     'protocol': 'leave_one_domain_out',
     'source': {t: r['source'] for t, r in per_target.items()},
     'domains': targets,

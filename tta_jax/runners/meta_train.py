@@ -108,6 +108,39 @@ def done(directory: pathlib.Path) -> bool:
   return (directory / 'metadata.json').exists()
 
 
+def settings(config, name: str, method_kwargs: dict) -> dict:
+  """What a method's meta-training depends on, as plain JSON data."""
+  return adapt.jsonable(
+    {
+      'meta_train': config.meta_train[name],
+      'method': method_kwargs,
+      'model': config.model,
+      'pretrain': config.get('pretrain', {}),
+      'seed': config.seed,
+    }
+  )
+
+
+def check_settings(path: pathlib.Path, current: dict, what: str) -> None:
+  """Refuses to reuse `what` (in `path`'s folder) made under other settings.
+
+  `path` is a JSON file holding the settings the artifacts were made with
+  (under key 'settings'); a file without them (older runs) is accepted.
+  """
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text()).get('settings')
+  if saved is None or saved == current:
+    return
+  differ = sorted(
+    k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+  )
+  raise ValueError(
+    f'{what} in {path.parent} was made with other settings (differing: '
+    f'{differ}); use a new --workdir or delete {path.parent} to redo it'
+  )
+
+
 def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
   """Meta-trains every `config.meta_methods` entry on one benchmark."""
   module, apply_fn = common.build_model(config.model, benchmark)
@@ -118,18 +151,23 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
   out = {}
   for name in meta_method_names(config):
     directory = workdir / 'meta' / name
+    kwargs = (
+      adapt.method_kwargs(config, name) if name in config.method_configs else {}
+    )
+    current = settings(config, name, kwargs)
+    check_settings(directory / 'metadata.json', current, 'meta-training')
     if done(directory):
       logging.info('%s: meta-training already done (%s)', name, directory)
       out[name] = json.loads((directory / 'metadata.json').read_text())
       continue
+    progress = workdir / 'meta_ckpt' / f'{name}.json'
+    check_settings(progress, current, 'partial meta-training')
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({'settings': current}, indent=2))
     ctx = meta_lib.MetaTrainContext(
       config=config,
       method_config=config.meta_train[name],
-      method_kwargs=(
-        adapt.method_kwargs(config, name)
-        if name in config.method_configs
-        else {}
-      ),
+      method_kwargs=kwargs,
       module=module,
       apply_fn=apply_fn,
       variables=variables,
@@ -154,6 +192,7 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
       **common.model_metadata(config.model, benchmark),
       'method': name,
       'seconds': time.perf_counter() - t0,
+      'settings': current,
     }
     save(directory, result, metadata)
     out[name] = {**metadata, 'metrics': result.metrics}
