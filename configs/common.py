@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
       'severity': 5,
       'corruption_seed': 0,
       'natural_shift': True,
+      # 'val': the shifts act on the source-val digits (validation_stream).
+      'target_split': 'test',
       'rotations': (0, 15, 30, 45, 60, 75),
       # Leave-one-domain-out benchmarks: the domains and which to hold out.
       'dg_domains': (
@@ -200,9 +202,26 @@ def base_config() -> ml_collections.ConfigDict:
   # and each one's settings (config.meta_train.<method>).
   config.meta_methods = ''
   config.meta_train = ml_collections.ConfigDict()
+  config.results_name = 'results'  # WORKDIR/<results_name>.{json,md,...}
   config.checkpoint_every = 50  # batches; 0 disables stream checkpoints
   config.log_every = 50
   return config
+
+
+def validation_stream(config: ml_collections.ConfigDict) -> None:
+  """The `validation` switch: select hyperparameters without the test set.
+
+  The stream becomes the four held-out corruptions of Hendrycks &
+  Dietterich (`VALIDATION_CORRUPTIONS`, severity 5) applied to the
+  source-val digits: neither the test digits nor the 15 test corruptions
+  (nor the UCI digits) are seen. Results go to `WORKDIR/validation.*`, so
+  the test results in the same WORKDIR are kept.
+  """
+  config.data.corruptions = corruptions.VALIDATION_CORRUPTIONS
+  config.data.severity = 5
+  config.data.target_split = 'val'
+  config.data.natural_shift = False
+  config.results_name = 'validation'
 
 
 def shrink(config: ml_collections.ConfigDict) -> None:

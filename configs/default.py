@@ -11,7 +11,10 @@ digits of scikit-learn (a natural shift). Everything runs offline on a CPU.
 runs every baseline (`BASELINES`) in the continual setting;
 `--config.setting=reset_each_shift` resets at every domain change, and
 `--config.methods=source,norm,tent` picks methods. `configs/default.py:small`
-shrinks the run to seconds (tests) with source, norm and tent.
+shrinks the run to seconds (tests) with source, norm and tent;
+`:validation=true` swaps the stream for the validation one
+(`common.validation_stream`: four held-out corruptions of the source-val
+digits, results in `WORKDIR/validation.*`) to select hyperparameters.
 """
 
 from configs import common
@@ -26,7 +29,7 @@ BASELINES = (
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, small=False)
+  arg = common.parse_arg(arg, small=False, validation=False)
   config = common.base_config()
   config.data.name = 'digits_corrupted'
   config.data.corruptions = common.CORRUPTIONS
@@ -40,4 +43,6 @@ def get_config(arg=None):
   if arg.small:
     common.shrink(config)
     config.methods = 'source,norm,tent'
+  if arg.validation:
+    common.validation_stream(config)
   return config

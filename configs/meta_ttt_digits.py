@@ -109,7 +109,9 @@ def add_ablations(config) -> None:
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, small=False, ablations=True, alpha_sweep=False)
+  arg = common.parse_arg(
+    arg, small=False, ablations=True, alpha_sweep=False, validation=False
+  )
   config = default.get_config('small' if arg.small else None)
   config.methods = 'source,norm,tent,meta_ttt'
   config.meta_methods = 'meta_ttt'
@@ -131,4 +133,6 @@ def get_config(arg=None):
       config.meta_train[name].update(
         steps=2, batch_size=16, eval_every=2, val_examples=32
       )
+  if arg.validation:
+    common.validation_stream(config)
   return config

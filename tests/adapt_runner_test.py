@@ -11,7 +11,7 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import default
-from tta_jax.data import benchmarks, sources, streams
+from tta_jax.data import benchmarks, corruptions, digits, sources, streams
 from tta_jax.runners import adapt, pretrain
 
 _SOURCE: dict[str, str] = {}
@@ -75,6 +75,32 @@ class AdaptRunnerTest(absltest.TestCase):
     # A second run reuses the finished methods.
     again = adapt.run(config, workdir)
     self.assertEqual(again['methods']['tent'], results['methods']['tent'])
+
+  def test_validation_stream_beside_the_test_results(self):
+    workdir = self.workdir()
+    test = adapt.run(_config(methods='source'), workdir)
+    config = default.get_config('small,validation')
+    config.source_ckpt, config.methods = _SOURCE['dir'], 'source'
+    config.clean_eval_examples = 0
+    val = adapt.run(config, workdir)
+    self.assertEqual(val['domains'], list(corruptions.VALIDATION_CORRUPTIONS))
+    self.assertTrue((workdir / 'validation.md').exists())
+    kept = json.loads((workdir / 'results.json').read_text())
+    self.assertEqual(kept['domains'], test['domains'])
+    self.assertTrue((workdir / 'methods_validation' / 'source.json').exists())
+    # The validation stream corrupts the source-val digits, not the test
+    # digits, and never includes the UCI digits.
+    bench = benchmarks.build(config.data, config.setting)
+    val_labels = [bench.domains[0].source[np.arange(8)]['label']]
+    splits = digits.load(
+      train=config.data.train_size,
+      val=config.data.val_size,
+      test=config.data.test_size,
+    )
+    np.testing.assert_array_equal(val_labels[0], splits.val.labels[:8])
+    config.data.natural_shift = True
+    with self.assertRaisesRegex(ValueError, 'natural_shift'):
+      benchmarks.build(config.data, config.setting)
 
   def test_resume_equals_uninterrupted(self):
     config = _config(checkpoint_every=2)

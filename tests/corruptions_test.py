@@ -309,6 +309,91 @@ class ReferenceParityTest(absltest.TestCase):
       self.assertLess(abs(draws.var() - rate), 0.1 * rate + 1e-9, rate)
 
 
+class ValidationCorruptionsTest(absltest.TestCase):
+  """The four held-out families against make_cifar_c.py's formulas, given
+  the same random draws (example i's key is `fold_in(key, i)`)."""
+
+  def _draw(self, i, shape):
+    return np.asarray(
+      jax.random.normal(jax.random.fold_in(_KEY, i), shape), np.float64
+    )
+
+  def test_names_and_ids(self):
+    self.assertEqual(
+      corruptions.VALIDATION_CORRUPTIONS,
+      ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate'),
+    )
+    # The 15 keep their ids (and so their pixels).
+    self.assertEqual(corruptions.ALL_CORRUPTIONS[:15], corruptions.CORRUPTIONS)
+
+  def test_speckle_noise(self):
+    x = _photos(2)
+    for sev, c in ((1, 0.06), (5, 0.2)):
+      got = corruptions.corrupt(x, 'speckle_noise', sev, _KEY)
+      for i in range(2):
+        ref = np.clip(x[i] + x[i] * c * self._draw(i, x[i].shape), 0, 1)
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+  def test_gaussian_blur_matches_scipy(self):
+    for x in (_photos(2), _digits(2)):
+      for sev, sigma in zip(
+        SEVERITIES, corruptions._GAUSSIAN_BLUR, strict=True
+      ):
+        got = corruptions.corrupt(x, 'gaussian_blur', sev, _KEY)
+        ref = scipy.ndimage.gaussian_filter(
+          x.astype(np.float64), (0, sigma, sigma, 0), mode='nearest',
+          truncate=4.0,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, np.clip(ref, 0, 1), atol=1e-5)
+
+  def test_saturate_matches_hsv_round_trip(self):
+    x = _photos()
+    x[0, :4, :4] = 0.5  # grey pixels: hue 0
+    x[0, 4:8, :4] = 0.0  # black
+    for sev, (c0, c1) in zip(SEVERITIES, corruptions._SATURATE, strict=True):
+      hsv = colors.rgb_to_hsv(x)
+      hsv[..., 1] = np.clip(hsv[..., 1] * c0 + c1, 0, 1)
+      got = corruptions.corrupt(x, 'saturate', sev, _KEY)
+      np.testing.assert_allclose(got, colors.hsv_to_rgb(hsv), atol=1e-5)
+    # One channel: through RGB and back to luma.
+    gray = _digits(2)
+    rgb = np.repeat(gray, 3, -1)
+    hsv = colors.rgb_to_hsv(rgb)
+    hsv[..., 1] = np.clip(hsv[..., 1] * 2.5 + 0.2, 0, 1)
+    luma = colors.hsv_to_rgb(hsv) @ np.asarray(corruptions._LUMA)
+    np.testing.assert_allclose(
+      corruptions.corrupt(gray, 'saturate', 5, _KEY)[..., 0], luma, atol=1e-5
+    )
+
+  def test_spatter_mud(self):
+    for x in (_photos(2), _digits(2)):
+      for sev in (4, 5):
+        loc, scale, sigma, thresh, mask_sigma, _ = corruptions._SPATTER[sev - 1]
+        got = corruptions.corrupt(x, 'spatter', sev, _KEY)
+        for i in range(2):
+          liquid = loc + scale * self._draw(i, x.shape[1:3] + (1,))[..., 0]
+          liquid = scipy.ndimage.gaussian_filter(liquid, sigma, mode='nearest')
+          liquid[liquid < thresh] = 0
+          m = np.where(liquid > thresh, 1.0, 0.0)
+          m = scipy.ndimage.gaussian_filter(m, mask_sigma, mode='nearest')
+          m[m < 0.8] = 0
+          color = np.asarray(corruptions._MUD)
+          if x.shape[-1] == 1:
+            color = color @ np.asarray(corruptions._LUMA)
+          ref = np.clip(x[i] * (1 - m[..., None]) + color * m[..., None], 0, 1)
+          np.testing.assert_allclose(got[i], ref, atol=1e-5)
+    self.assertGreater(  # mud does land on a batch of digits
+      _dist(corruptions.corrupt(_digits(), 'spatter', 5, _KEY), _digits()),
+      1e-3,
+    )
+    with self.assertRaisesRegex(ValueError, r'one of \(4, 5\)'):
+      corruptions.corrupt(_digits(2), 'spatter', 2, _KEY)
+    with self.assertRaisesRegex(ValueError, r'one of \(4, 5\)'):
+      corruptions.corrupted_source(
+        sources.ArraySource(_digits(2), np.zeros(2, np.int32)), 'spatter', 1, 0
+      )
+
+
 class ShiftsTest(parameterized.TestCase):
   def test_order_and_names(self):
     self.assertEqual(

@@ -226,11 +226,24 @@ def _digits_corrupted(cfg, setting) -> Benchmark:
   )
   c = _corruptions()
   names = list(cfg.corruptions)
-  unknown = sorted(set(names) - set(c.CORRUPTIONS))
+  unknown = sorted(set(names) - set(c.ALL_CORRUPTIONS))
   if unknown:
     raise ValueError(
-      f'unknown corruptions {unknown}; valid: {list(c.CORRUPTIONS)}'
+      f'unknown corruptions {unknown}; valid: {list(c.ALL_CORRUPTIONS)}'
     )
+  # 'val': corrupt the source-val digits instead of the test digits, a
+  # validation stream for selecting hyperparameters (with
+  # VALIDATION_CORRUPTIONS: disjoint from the test stream's images and
+  # corruptions alike).
+  split = cfg.get('target_split', 'test')
+  if split not in ('test', 'val'):
+    raise ValueError(f"data.target_split must be 'test' or 'val': {split!r}")
+  if split == 'val' and cfg.natural_shift:
+    raise ValueError(
+      'data.natural_shift adds the UCI test digits: set it False with '
+      "data.target_split='val'"
+    )
+  target = splits.test if split == 'test' else splits.val
   base, _ = streams.parse_setting(setting)
   severities = (
     streams.GRADUAL_SEVERITIES if base == 'gradual' else (cfg.severity,)
@@ -242,7 +255,7 @@ def _digits_corrupted(cfg, setting) -> Benchmark:
       domains.append(
         sources.Domain(
           label,
-          c.corrupted_source(splits.test, name, sev, cfg.corruption_seed),
+          c.corrupted_source(target, name, sev, cfg.corruption_seed),
           {'corruption': name, 'severity': sev},
         )
       )

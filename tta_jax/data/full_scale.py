@@ -57,7 +57,7 @@ from tta_jax.data import (
 # order of their paper, Tent and CoTTA (RobustBench lists another order).
 CORRUPTIONS = corruptions_lib.CORRUPTIONS
 # The held-out four, released beside them.
-EXTRA_CORRUPTIONS = ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')
+EXTRA_CORRUPTIONS = corruptions_lib.VALIDATION_CORRUPTIONS
 SEVERITIES = (1, 2, 3, 4, 5)
 # TFDS's cifar10_corrupted renames two of them.
 _TFDS_CIFAR10_C = {

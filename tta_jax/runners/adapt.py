@@ -6,7 +6,8 @@ scores the logits each step returns. Per method and domain it reports
 error, ECE, NLL, examples and wall time; per method the error on the clean
 test split before and after adaptation (forgetting). Results land in
 `WORKDIR/results.json`, `results.md` (also printed), `results.csv` and
-`results.png`.
+`results.png` (`config.results_name` renames them, e.g. 'validation' for a
+validation stream, whose per-method records go to `methods_validation/`).
 
 Long runs are resumable: the adaptation state and the scores so far are
 checkpointed with orbax every `checkpoint_every` batches (and on
@@ -546,7 +547,9 @@ def run_method(
   name, config, apply_fn, variables, benchmark, context, workdir: pathlib.Path
 ) -> dict[str, Any]:
   """Runs one method over the configured stream(s); returns its results."""
-  done = workdir / 'methods' / f'{name}.json'
+  results_name = config.get('results_name', 'results')
+  folder = 'methods' if results_name == 'results' else f'methods_{results_name}'
+  done = workdir / folder / f'{name}.json'
   key = _config_hash(config, name)
   if done.exists():
     cached = json.loads(done.read_text())
@@ -885,5 +888,5 @@ def run(config, workdir) -> dict[str, Any]:
     results = per_target[None]
   else:
     results = merge_held_out(config, per_target)
-  report.write(results, workdir)
+  report.write(results, workdir, config.get('results_name', 'results'))
   return results

@@ -108,13 +108,15 @@ def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def write(results: Mapping[str, Any], workdir: pathlib.Path) -> str:
-  """Writes results.{json,md,csv,png} into `workdir`; prints the table."""
+def write(
+  results: Mapping[str, Any], workdir: pathlib.Path, name: str = 'results'
+) -> str:
+  """Writes NAME.{json,md,csv,png} into `workdir`; prints the table."""
   workdir = pathlib.Path(workdir)
-  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+  (workdir / f'{name}.json').write_text(json.dumps(results, indent=2))
   table = markdown_table(results)
-  (workdir / 'results.md').write_text(table + '\n')
-  write_csv(results, workdir / 'results.csv')
-  plot(results, workdir / 'results.png')
+  (workdir / f'{name}.md').write_text(table + '\n')
+  write_csv(results, workdir / f'{name}.csv')
+  plot(results, workdir / f'{name}.png')
   print(table, flush=True)
   return table
