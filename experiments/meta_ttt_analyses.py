@@ -11,7 +11,12 @@ writes WORKDIR/meta_ttt_ablations.md (mean error of every method, with the
 learned alpha and the meta-training time of meta-trained variants) and,
 when the alpha sweeps ran, WORKDIR/meta_ttt_alpha.png (mean error against
 alpha: fixed alpha without meta-learning, and alpha's initial value with
-meta-learning). No labels are read here beyond the stored error rates.
+meta-learning). When the shift sweep also ran on the validation stream
+(`:shift_sweep` on both training commands, then the adapt command again
+with `:shift_sweep,validation=true`), it writes
+WORKDIR/meta_ttt_shift_selection.md: validation and test error per shift
+probability, the validation pick marked. No labels are read here beyond
+the stored error rates.
 """
 
 import json
@@ -113,11 +118,55 @@ def plot(curves, results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def shift_probability(workdir: pathlib.Path, name: str) -> float | None:
+  """A meta-trained variant's shift probability: from the settings its
+  meta-training recorded, else from a `meta_ttt_shift_<p>` name."""
+  settings = _meta(workdir, name).get('settings', {})
+  if 'shift_p' in settings.get('meta_train', {}):
+    return float(settings['meta_train']['shift_p'])
+  tag = re.fullmatch(r'meta_ttt_shift_([\dp]+)', name)
+  return _alpha(tag[1]) if tag else None
+
+
+def shift_selection(
+  validation: dict, results: dict | None, workdir: pathlib.Path
+) -> str | None:
+  """The shift sweep as a table: the pick is the lowest validation error."""
+  rows = []
+  for name, m in validation['methods'].items():
+    if name != 'meta_ttt' and not name.startswith('meta_ttt_shift_'):
+      continue
+    p = shift_probability(workdir, name)
+    if p is not None:
+      test = (results or {}).get('methods', {}).get(name)
+      rows.append((p, name, m['mean_error'], test and test['mean_error']))
+  if len(rows) < 2:
+    return None
+  rows.sort()
+  pick = min(rows, key=lambda r: r[2])
+  lines = [
+    '| shift p | method | validation error (%) | test error (%) |',
+    '|---|---|---|---|',
+  ]
+  for row in rows:
+    p, name, val, test = row
+    mark = ' (pick)' if row is pick else ''
+    test = '' if test is None else f'{100 * test:.2f}'
+    lines.append(f'| {p:g}{mark} | {name} | {100 * val:.2f} | {test} |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   workdir = pathlib.Path(FLAGS.workdir)
   results = json.loads((workdir / 'results.json').read_text())
+  if (workdir / 'validation.json').exists():
+    validation = json.loads((workdir / 'validation.json').read_text())
+    selection = shift_selection(validation, results, workdir)
+    if selection:
+      (workdir / 'meta_ttt_shift_selection.md').write_text(selection + '\n')
+      print(selection)
   table = ablation_table(results, workdir)
   (workdir / 'meta_ttt_ablations.md').write_text(table + '\n')
   print(table)

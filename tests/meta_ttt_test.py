@@ -16,6 +16,7 @@ from absl.testing import absltest
 from configs import meta_ttt_cifar, meta_ttt_digits
 from tta_jax import models
 from tta_jax._src import losses, params as params_lib, test_utils
+from tta_jax.data import corruptions
 from tta_jax.methods import meta_ttt
 from tta_jax.runners import adapt, meta_train
 
@@ -330,6 +331,23 @@ class ConfigTest(absltest.TestCase):
       set(config.meta_methods.split(',')), set(config.meta_train)
     )
     self.assertEqual(config.meta_train.meta_ttt_no_shift.shift_p, 0.0)
+
+  def test_shift_sweep_and_validation_stream(self):
+    config = meta_ttt_digits.get_config('shift_sweep,validation')
+    adapt.validate_config(config)
+    swept = {
+      config.meta_train[n].shift_p
+      for n in config.meta_methods.split(',')
+      if n.startswith('meta_ttt_shift_')
+    }
+    default = config.meta_train.meta_ttt.shift_p
+    self.assertEqual(swept | {default}, set(meta_ttt_digits.SHIFT_PS))
+    self.assertNotIn(default, swept)
+    self.assertEqual(config.data.target_split, 'val')
+    self.assertEqual(
+      tuple(config.data.corruptions), corruptions.VALIDATION_CORRUPTIONS
+    )
+    self.assertEqual(config.results_name, 'validation')
 
   def test_variants_inherit_the_main_trainer(self):
     config = meta_ttt_cifar.get_config('ablations=true,steps=7')
