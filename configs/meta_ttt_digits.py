@@ -13,7 +13,10 @@ Ablations (each a method variant, one row of `results.md`):
   * `meta_ttt_fixed_alpha`: meta-trained with alpha fixed at 0.75;
   * `meta_ttt_no_minimax`: meta-trained and adapted with plain entropy
     minimisation (no max step, no confidence split);
-  * `meta_ttt_no_shift`: meta-trained without shift synthesis.
+  * `meta_ttt_no_shift`: meta-trained without shift synthesis;
+and, on Meta-TTT's own meta-trained backbone (no further training):
+  * `meta_ttt_no_test_steps`: no test-time minimax step (mixed BN only);
+  * `norm_meta_backbone`, `tent_meta_backbone`: BN adaptation and Tent.
 `:alpha_sweep` adds alpha-init sweeps (meta-trained) and fixed-alpha
 sweeps (no meta-learning); `:shift_sweep` adds meta-trained variants at
 the other shift probabilities of `SHIFT_PS`; `experiments.meta_ttt_analyses`
@@ -115,7 +118,7 @@ def add_variant(config, name, method=None, meta_train=None) -> None:
 
 
 def add_ablations(config) -> None:
-  """The four ablations of the docstring, as variants of `config`."""
+  """The ablations of the docstring, as variants of `config`."""
   add_variant(config, 'meta_ttt_no_meta', {'alpha': 0.75})
   add_variant(config, 'meta_ttt_fixed_alpha', {'alpha': 0.75}, {})
   add_variant(
@@ -125,6 +128,21 @@ def add_ablations(config) -> None:
     {},
   )
   add_variant(config, 'meta_ttt_no_shift', {}, {'shift_p': 0.0})
+  # Where the gain comes from (no extra meta-training: Meta-TTT's own
+  # meta-trained backbone, `meta_from`): without the test-time steps
+  # (mixed BN with the learned alpha only), and BN adaptation / Tent on it.
+  add_variant(
+    config,
+    'meta_ttt_no_test_steps',
+    {'max_lr': 0.0, 'min_lr': 0.0, 'meta_from': 'meta_ttt'},
+  )
+  for name in ('norm', 'tent'):
+    config.method_configs[f'{name}_meta_backbone'] = {
+      **config.method_configs[name].to_dict(),
+      'method': name,
+      'meta_from': 'meta_ttt',
+    }
+    config.methods += f',{name}_meta_backbone'
 
 
 def get_config(arg=None):

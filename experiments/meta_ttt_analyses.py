@@ -38,6 +38,9 @@ _ROWS = {
   'meta_ttt_fixed_alpha': '- learnable alpha (fixed 0.75, meta-trained)',
   'meta_ttt_no_minimax': '- minimax (entropy minimisation only)',
   'meta_ttt_no_shift': '- shift synthesis',
+  'meta_ttt_no_test_steps': 'meta-trained, no test-time step (mixed BN)',
+  'norm_meta_backbone': 'test-batch BN on the meta-trained backbone',
+  'tent_meta_backbone': 'Tent on the meta-trained backbone',
 }
 
 

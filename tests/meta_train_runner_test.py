@@ -39,12 +39,20 @@ class MetaTrainRunnerTest(absltest.TestCase):
       config.data.held_out = 'rot0,rot75'
       config.meta_methods = 'toy'
       config.meta_train.toy = {'scale': 3.0}
-      config.methods = 'source,toy'
+      config.methods = 'source,toy,source_on_toy'
       config.method_configs.toy = {
         'method': 'tent',
         'optimizer': {'name': 'adam', 'learning_rate': 1.0, 'inject': True},
       }
+      # Another method on toy's meta-trained backbone.
+      config.method_configs.source_on_toy = {
+        'method': 'source',
+        'meta_from': 'toy',
+      }
       workdir = pathlib.Path(tempfile.mkdtemp())
+      # Before meta-training, adaptation refuses (no silent source model).
+      with self.assertRaisesRegex(FileNotFoundError, 'meta_train_main'):
+        adapt.run(config, workdir)
       meta_train.run(config, workdir)
       for held in ('rot0', 'rot75'):
         d = workdir / 'dg' / held
@@ -70,6 +78,8 @@ class MetaTrainRunnerTest(absltest.TestCase):
       # The meta-trained backbone predicts class 0 everywhere: 90 % error.
       for held in ('rot0', 'rot75'):
         self.assertAlmostEqual(toy['domains'][held]['error'], 0.9, delta=0.02)
+        on_toy = saved['methods']['source_on_toy']['domains'][held]
+        self.assertAlmostEqual(on_toy['error'], 0.9, delta=0.02)
       self.assertLess(
         saved['methods']['source']['domains']['rot0']['error'], 0.9
       )

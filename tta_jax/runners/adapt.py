@@ -104,11 +104,25 @@ def factory_name(config, name: str) -> str:
 
 
 # Keys of `config.method_configs.<name>` the runner reads (not the factory).
-RUNNER_KEYS = ('method', 'mixed_bn_alpha')
+RUNNER_KEYS = ('method', 'mixed_bn_alpha', 'meta_from')
 # Methods whose test-batch BN `mixed_bn_alpha` replaces: they normalise with
 # `use_batch_stats=True` (the others pick their own BN statistics; `norm`
 # mixes with its own `source_weight`).
 MIXED_BN_METHODS = ('tent', 'eata', 'eta', 'sar', 'cotta')
+
+
+def meta_source(config, name: str) -> str | None:
+  """Whose meta-training artifacts a method uses, or None.
+
+  A method in `config.meta_methods` uses its own; `method_configs.<name>.
+  meta_from` names another's (e.g. Tent on Meta-TTT's meta-trained
+  backbone, or Meta-TTT without its test-time steps).
+  """
+  meta_from = config.method_configs[name].get('meta_from')
+  if meta_from:
+    return meta_from
+  meta_methods = [m.strip() for m in config.get('meta_methods', '').split(',')]
+  return name if name in meta_methods else None
 
 
 def method_kwargs(config, name: str) -> dict[str, Any]:
@@ -496,8 +510,9 @@ def _config_hash(config, name: str) -> str:
   }
   relevant['method'] = config.method_configs[name]
   # A re-meta-trained method is re-evaluated, not read from the cache.
-  if name in config.get('meta_train', {}):
-    relevant['meta_train'] = config.meta_train[name]
+  owner = meta_source(config, name) or name
+  if owner in config.get('meta_train', {}):
+    relevant['meta_train'] = config.meta_train[owner]
   blob = json.dumps(jsonable(relevant), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -556,9 +571,21 @@ def run_method(
     if cached.get('config_hash') == key:
       logging.info('%s: already done (%s)', name, done)
       return cached
-  apply_fn, method_variables, meta = method_artifacts(
-    workdir, name, apply_fn, variables, benchmark
-  )
+  owner = meta_source(config, name)
+  if owner is None:
+    method_variables, meta = variables, None
+  else:
+    from tta_jax.runners import meta_train
+
+    if not meta_train.done(workdir / 'meta' / owner):
+      raise FileNotFoundError(
+        f'{name}: no meta-training of {owner!r} in {workdir / "meta"}; run '
+        f'experiments.meta_train_main first with {owner!r} in meta_methods '
+        '(same config and workdir)'
+      )
+    apply_fn, method_variables, meta = method_artifacts(
+      workdir, owner, apply_fn, variables, benchmark
+    )
   apply_fn = with_mixed_bn(config, name, apply_fn)
   adapter = methods.from_config(
     factory_name(config, name), method_kwargs(config, name), apply_fn, **context
