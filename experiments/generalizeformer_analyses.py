@@ -58,7 +58,6 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer('max_examples', 0, 'Per held-out domain; 0: all.')
 flags.DEFINE_integer('layer_examples', 1024, 'Source test examples (layers).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 ABLATION_ROWS = (
   ('generalizeformer', 'GeneralizeFormer (BN + classifier)'),
@@ -345,4 +344,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run: importing the module's functions (tests,
+  # notebooks) must not make other absl programs require these flags.
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

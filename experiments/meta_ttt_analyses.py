@@ -26,7 +26,6 @@ import re
 from absl import app, flags
 
 flags.DEFINE_string('workdir', None, 'The workdir of the digits run.')
-flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 _ROWS = {
@@ -182,4 +181,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run: importing the module's functions (tests,
+  # notebooks) must not make other absl programs require these flags.
+  flags.mark_flags_as_required(['workdir'])
   app.run(main)
