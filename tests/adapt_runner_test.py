@@ -101,6 +101,10 @@ class AdaptRunnerTest(absltest.TestCase):
     config.data.natural_shift = True
     with self.assertRaisesRegex(ValueError, 'natural_shift'):
       benchmarks.build(config.data, config.setting)
+    # Other benchmarks refuse a validation split instead of ignoring it.
+    config.data.name = 'digits_rotated'
+    with self.assertRaisesRegex(ValueError, 'target_split'):
+      benchmarks.build(config.data, config.setting)
 
   def test_resume_equals_uninterrupted(self):
     config = _config(checkpoint_every=2)

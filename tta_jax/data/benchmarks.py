@@ -197,6 +197,7 @@ def targets(data_config, setting: str) -> list[tuple[str | None, Benchmark]]:
   name = data_config['name']
   if name not in DG_BENCHMARKS:
     return [(None, build(data_config, setting))]
+  _check_target_split(data_config)
   dg_domains = DG_BENCHMARKS[name](data_config)
   names = [d.name for d in dg_domains]
   held = (
@@ -411,9 +412,21 @@ BENCHMARKS = {
 }
 
 
+def _check_target_split(data_config) -> None:
+  """`data.target_split='val'` (a validation stream) exists for the
+  corrupted digits only; elsewhere it is refused, not ignored."""
+  split = data_config.get('target_split', 'test')
+  if split != 'test' and data_config['name'] != 'digits_corrupted':
+    raise ValueError(
+      f'data.target_split={split!r} is only supported by digits_corrupted, '
+      f'not {data_config["name"]!r}'
+    )
+
+
 def build(data_config: Mapping[str, Any], setting: str) -> Benchmark:
   """Builds the benchmark named `data_config.name` for a stream setting."""
   name = data_config['name']
+  _check_target_split(data_config)
   if name in BENCHMARKS:
     return BENCHMARKS[name](data_config, setting)
   from tta_jax.data import full_scale

@@ -121,8 +121,9 @@ def meta_source(config, name: str) -> str | None:
   meta_from = config.method_configs[name].get('meta_from')
   if meta_from:
     return meta_from
-  meta_methods = [m.strip() for m in config.get('meta_methods', '').split(',')]
-  return name if name in meta_methods else None
+  from tta_jax.runners import meta_train
+
+  return name if name in meta_train.meta_method_names(config) else None
 
 
 def method_kwargs(config, name: str) -> dict[str, Any]:
@@ -558,13 +559,22 @@ def method_artifacts(
   return apply_fn, variables, meta
 
 
+def _results_name(config) -> str:
+  return config.get('results_name', 'results')
+
+
+def _records_folder(config) -> str:
+  """Finished methods' records: `methods/`, or `methods_<results_name>/`
+  for another stream (a validation run keeps the test run's records)."""
+  name = _results_name(config)
+  return 'methods' if name == 'results' else f'methods_{name}'
+
+
 def run_method(
   name, config, apply_fn, variables, benchmark, context, workdir: pathlib.Path
 ) -> dict[str, Any]:
   """Runs one method over the configured stream(s); returns its results."""
-  results_name = config.get('results_name', 'results')
-  folder = 'methods' if results_name == 'results' else f'methods_{results_name}'
-  done = workdir / folder / f'{name}.json'
+  done = workdir / _records_folder(config) / f'{name}.json'
   key = _config_hash(config, name)
   if done.exists():
     cached = json.loads(done.read_text())
@@ -915,5 +925,5 @@ def run(config, workdir) -> dict[str, Any]:
     results = per_target[None]
   else:
     results = merge_held_out(config, per_target)
-  report.write(results, workdir, config.get('results_name', 'results'))
+  report.write(results, workdir, _results_name(config))
   return results
