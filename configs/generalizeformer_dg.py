@@ -20,6 +20,11 @@ Arguments (comma-separated, e.g. `:ablations` or `:shift=corrupted`):
     done is reused).
   shift=corrupted: the corruption domains instead (clean MNIST and five
     corruption families at severity 5).
+  sweep: also the hyperparameter variants of `SWEEP`, each meta-trained;
+    `experiments.generalizeformer_analyses` ranks them by their
+    source-domain validation accuracy (the meta-trainer's model-selection
+    score on the source domains' validation parts), never by held-out
+    error.
 
 Deviations from the paper's sizes (CPU budget): the digits CNN is 8 wide,
 and the generator has 2 layers, d_model 128, 2 heads, FF 256 and 32-wide
@@ -56,6 +61,16 @@ ABLATIONS = {
   'generalizeformer_classifier': ({'generate': 'classifier'}, {}),
 }
 
+# Hyperparameter variants (`:sweep`), one change each from the defaults:
+# variant name -> (adapter kwargs, trainer overrides).
+SWEEP = {
+  'generalizeformer_steps2000': ({}, {'steps': 2000, 'eval_every': 250}),
+  'generalizeformer_lr3x': ({}, {'learning_rate': 3e-4}),
+  'generalizeformer_dropout0': ({'dropout': 0.0}, {}),
+  'generalizeformer_raw_grads': ({'grad_norm': 'none'}, {}),
+  'generalizeformer_layers4': ({'num_layers': 4}, {}),
+}
+
 
 def meta_train_config(**overrides) -> ml_collections.ConfigDict:
   """The meta-trainer's settings (`generalizeformer.meta_train`).
@@ -88,13 +103,16 @@ def meta_train_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
-def add_generalizeformer(config, generator, trainer, *, ablations=False):
-  """Adds `generalizeformer` (and the ablation variants) to a config."""
+def add_generalizeformer(
+  config, generator, trainer, *, ablations=False, sweep=False
+):
+  """Adds `generalizeformer` (and the ablation / sweep variants)."""
   names = ['generalizeformer']
   config.method_configs.generalizeformer = dict(generator)
   config.meta_train.generalizeformer = trainer
-  if ablations:
-    for name, (kwargs, overrides) in ABLATIONS.items():
+  variants = {**(ABLATIONS if ablations else {}), **(SWEEP if sweep else {})}
+  if variants:
+    for name, (kwargs, overrides) in variants.items():
       config.method_configs[name] = {
         'method': 'generalizeformer',
         **generator,
@@ -109,7 +127,9 @@ def add_generalizeformer(config, generator, trainer, *, ablations=False):
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, small=False, ablations=False, shift='rotated')
+  arg = common.parse_arg(
+    arg, small=False, ablations=False, sweep=False, shift='rotated'
+  )
   config = common.base_config()
   if arg.shift == 'rotated':
     config.data.name = 'digits_rotated_dg'
@@ -139,7 +159,9 @@ def get_config(arg=None):
     )
     generator.update(num_layers=1, d_model=32, ff_dim=64)
   names = add_generalizeformer(
-    config, generator, trainer, ablations=arg.ablations
+    config, generator, trainer, ablations=arg.ablations, sweep=arg.sweep
   )
+  if arg.small and 'generalizeformer_steps2000' in config.meta_train:
+    config.meta_train.generalizeformer_steps2000.update(steps=8, eval_every=4)
   config.methods = ','.join(['source', 'norm', 'tent', 't3a', *names])
   return config

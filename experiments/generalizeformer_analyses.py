@@ -16,6 +16,10 @@ Prints and writes under WORKDIR/analyses/:
   with source accuracy before/after adaptation (forgetting), and the
   ablations (without gradients, without features, without meta-learning,
   BN only, classifier only, both) from WORKDIR/results.json;
+- the hyperparameter sweep (with `:sweep`): every variant's source-domain
+  validation accuracy (the meta-trainer's selection score, mean over the
+  held-out runs) beside its held-out error, ranked by the former; the
+  first row is the one the selection picks;
 - `batch_sizes.json`: error of BN adaptation, Tent and GeneralizeFormer on
   each held-out domain at test batch sizes 1, 16, 64, 128 (the generator
   is the one meta-trained at the config's batch size, as in the paper),
@@ -38,6 +42,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
+from configs import generalizeformer_dg as gf_config
 from tta_jax import methods
 from tta_jax._src import params as params_lib
 from tta_jax.data import benchmarks, corruptions, sources
@@ -107,6 +112,50 @@ def tables(results) -> str:
   else:
     out += '\n\n(no ablation rows: run the three commands with `:ablations`)'
   return out
+
+
+def val_accuracies(config, workdir) -> dict[str, dict[str, float]]:
+  """{variant: {held-out domain: source-val accuracy}} from the
+  meta-trainers' metadata (`WORKDIR/[dg/<tag>/]meta/<name>/metadata.json`).
+  """
+  out = {}
+  for tag, _, wd in _benchmarks(config, workdir):
+    for name in str(config.meta_methods).split(','):
+      path = wd / 'meta' / name.strip() / 'metadata.json'
+      if path.exists():
+        acc = json.loads(path.read_text())['metrics'].get('val_accuracy')
+        if acc is not None:
+          out.setdefault(name.strip(), {})[tag or 'all'] = float(acc)
+  return out
+
+
+def sweep_table(results, val_acc, names) -> str:
+  """`names` ranked by mean source-val accuracy, with held-out error.
+
+  Only variants meta-trained and evaluated on every held-out domain are
+  ranked; the selection reads the validation column alone.
+  """
+  doms, ms = results['domains'], results['methods']
+  rows = []
+  for n in names:
+    acc = val_acc.get(n, {})
+    if n not in ms or any(d not in acc for d in doms):
+      continue
+    rows.append((float(np.mean([acc[d] for d in doms])), n))
+  if not rows:
+    return '(no sweep rows: run the three commands with `:sweep`)'
+  rows.sort(key=lambda r: -r[0])
+  lines = [
+    '## Hyperparameter sweep, ranked by source-domain validation accuracy\n',
+    '| variant | source-val accuracy | held-out mean error | selected |',
+    '|---|---|---|---|',
+  ]
+  for i, (acc, n) in enumerate(rows):
+    lines.append(
+      f'| {n} | {_pct(acc)} | {_pct(ms[n]["mean_error"])} | '
+      f'{"yes" if i == 0 else ""} |'
+    )
+  return '\n'.join(lines)
 
 
 def _benchmarks(config, workdir):
@@ -318,6 +367,11 @@ def main(argv):
   if 'tables' in FLAGS.analyses:
     results = json.loads((workdir / 'results.json').read_text())
     report.append(tables(results))
+    names = ['generalizeformer', *gf_config.SWEEP]
+    if any(n in results['methods'] for n in names[1:]):
+      report.append(
+        sweep_table(results, val_accuracies(config, workdir), names)
+      )
   if 'batch_sizes' in FLAGS.analyses:
     sweep = batch_sizes(config, workdir)
     (directory / 'batch_sizes.json').write_text(json.dumps(sweep, indent=2))

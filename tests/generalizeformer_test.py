@@ -445,6 +445,62 @@ class ConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'shift must be'):
       generalizeformer_dg.get_config('shift=blur')
 
+  def test_sweep_variants_change_one_setting_each(self):
+    base = generalizeformer_dg.get_config()
+    config = generalizeformer_dg.get_config('sweep')
+    names = adapt.validate_config(config)
+    self.assertEqual(
+      config.meta_methods.split(','),
+      ['generalizeformer', *generalizeformer_dg.SWEEP],
+    )
+    self.assertContainsSubset(generalizeformer_dg.SWEEP, names)
+    default_gen = base.method_configs.generalizeformer.to_dict()
+    default_tr = base.meta_train.generalizeformer.to_dict()
+    for name, (kwargs, overrides) in generalizeformer_dg.SWEEP.items():
+      gen = config.method_configs[name].to_dict()
+      self.assertEqual(gen.pop('method'), 'generalizeformer')
+      self.assertEqual(gen, {**default_gen, **kwargs})
+      self.assertEqual(
+        config.meta_train[name].to_dict(), {**default_tr, **overrides}
+      )
+    small = generalizeformer_dg.get_config('small,sweep')
+    self.assertLess(small.meta_train.generalizeformer_steps2000.steps, 100)
+
+  def test_sweep_table_ranks_by_validation_only(self):
+    from experiments import generalizeformer_analyses as analyses
+
+    results = {
+      'domains': ['a', 'b'],
+      'methods': {
+        'generalizeformer': {'mean_error': 0.30},
+        'generalizeformer_lr3x': {'mean_error': 0.10},
+        'generalizeformer_dropout0': {'mean_error': 0.20},
+        'generalizeformer_layers4': {'mean_error': 0.05},
+      },
+    }
+    val = {
+      'generalizeformer': {'a': 0.8, 'b': 0.9},
+      'generalizeformer_lr3x': {'a': 0.7, 'b': 0.7},
+      'generalizeformer_dropout0': {'a': 0.9, 'b': 0.9},
+      # Not meta-trained on every held-out domain: not ranked.
+      'generalizeformer_layers4': {'a': 0.99},
+    }
+    table = analyses.sweep_table(
+      results, val, ['generalizeformer', *generalizeformer_dg.SWEEP]
+    )
+    rows = [r for r in table.splitlines() if r.startswith('| generalize')]
+    self.assertEqual(
+      [r.split(' | ')[0][2:] for r in rows],
+      [
+        'generalizeformer_dropout0',
+        'generalizeformer',
+        'generalizeformer_lr3x',
+      ],
+    )
+    self.assertTrue(rows[0].endswith('| yes |'))
+    self.assertIn('| 90.0 | 20.0 |', rows[0])
+    self.assertIn('no sweep rows', analyses.sweep_table(results, {}, ['x']))
+
   def test_paper_dataset_configs_build(self):
     for dataset, k in generalizeformer_pacs.NUM_CLASSES.items():
       for arg in (f'dataset={dataset}', f'dataset={dataset},ablations=true'):
