@@ -47,7 +47,7 @@ from tta_jax import methods
 from tta_jax._src import params as params_lib
 from tta_jax.data import benchmarks, corruptions, sources
 from tta_jax.methods import generalizeformer as gf
-from tta_jax.runners import adapt, common
+from tta_jax.runners import adapt, common, report as report_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -127,35 +127,6 @@ def val_accuracies(config, workdir) -> dict[str, dict[str, float]]:
         if acc is not None:
           out.setdefault(name.strip(), {})[tag or 'all'] = float(acc)
   return out
-
-
-def sweep_table(results, val_acc, names) -> str:
-  """`names` ranked by mean source-val accuracy, with held-out error.
-
-  Only variants meta-trained and evaluated on every held-out domain are
-  ranked; the selection reads the validation column alone.
-  """
-  doms, ms = results['domains'], results['methods']
-  rows = []
-  for n in names:
-    acc = val_acc.get(n, {})
-    if n not in ms or any(d not in acc for d in doms):
-      continue
-    rows.append((float(np.mean([acc[d] for d in doms])), n))
-  if not rows:
-    return '(no sweep rows: run the three commands with `:sweep`)'
-  rows.sort(key=lambda r: -r[0])
-  lines = [
-    '## Hyperparameter sweep, ranked by source-domain validation accuracy\n',
-    '| variant | source-val accuracy | held-out mean error | selected |',
-    '|---|---|---|---|',
-  ]
-  for i, (acc, n) in enumerate(rows):
-    lines.append(
-      f'| {n} | {_pct(acc)} | {_pct(ms[n]["mean_error"])} | '
-      f'{"yes" if i == 0 else ""} |'
-    )
-  return '\n'.join(lines)
 
 
 def _benchmarks(config, workdir):
@@ -370,7 +341,9 @@ def main(argv):
     names = ['generalizeformer', *gf_config.SWEEP]
     if any(n in results['methods'] for n in names[1:]):
       report.append(
-        sweep_table(results, val_accuracies(config, workdir), names)
+        report_lib.validation_ranking(
+          results, val_accuracies(config, workdir), names
+        )
       )
   if 'batch_sizes' in FLAGS.analyses:
     sweep = batch_sizes(config, workdir)

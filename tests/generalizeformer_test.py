@@ -19,7 +19,7 @@ from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
 from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.models import generator as generator_lib
-from tta_jax.runners import adapt, meta_train
+from tta_jax.runners import adapt, meta_train, report
 
 # A one-layer, 16-wide generator over 8-wide tokens (the tiny net's BN
 # layers are 4, 4, 8 and 16 wide; its classifier rows 16).
@@ -467,8 +467,6 @@ class ConfigTest(absltest.TestCase):
     self.assertLess(small.meta_train.generalizeformer_steps2000.steps, 100)
 
   def test_sweep_table_ranks_by_validation_only(self):
-    from experiments import generalizeformer_analyses as analyses
-
     results = {
       'domains': ['a', 'b'],
       'methods': {
@@ -485,7 +483,7 @@ class ConfigTest(absltest.TestCase):
       # Not meta-trained on every held-out domain: not ranked.
       'generalizeformer_layers4': {'a': 0.99},
     }
-    table = analyses.sweep_table(
+    table = report.validation_ranking(
       results, val, ['generalizeformer', *generalizeformer_dg.SWEEP]
     )
     rows = [r for r in table.splitlines() if r.startswith('| generalize')]
@@ -499,7 +497,7 @@ class ConfigTest(absltest.TestCase):
     )
     self.assertTrue(rows[0].endswith('| yes |'))
     self.assertIn('| 90.0 | 20.0 |', rows[0])
-    self.assertIn('no sweep rows', analyses.sweep_table(results, {}, ['x']))
+    self.assertIn('no variant', report.validation_ranking(results, {}, ['x']))
 
   def test_paper_dataset_configs_build(self):
     for dataset, k in generalizeformer_pacs.NUM_CLASSES.items():

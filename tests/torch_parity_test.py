@@ -27,6 +27,11 @@ pytestmark = pytest.mark.torch
 WIDTH, NUM_CLASSES, BATCH, STEPS = 8, 10, 64, 3
 E0 = 0.4 * math.log(NUM_CLASSES)
 RTOL, ATOL = 1e-4, 1e-4
+# After the first update, float32 rounding differences between XLA's and
+# PyTorch's CPU kernels grow with each step (Adam's normalisation amplifies
+# them on tiny gradients): ~2e-4 on the logits by the third step on AMD
+# EPYC, under 1e-4 elsewhere. Still far below what a wrong update gives.
+DRIFT_TOL = 5e-4
 
 
 @functools.cache
@@ -86,8 +91,8 @@ def _assert_bn_close(jax_params, torch_model):
       np.testing.assert_allclose(
         jax_params[name][leaf],
         value,
-        rtol=RTOL,
-        atol=ATOL,
+        rtol=DRIFT_TOL,
+        atol=DRIFT_TOL,
         err_msg=f'{name}/{leaf}',
       )
 
@@ -112,11 +117,12 @@ def _run(adapter, variables, batches, torch_step):
   for i, images in enumerate(batches):
     state, out = step(state, {'image': images})
     theirs = torch_step(_nchw(images))
+    tol = ATOL if i == 0 else DRIFT_TOL
     np.testing.assert_allclose(
       out.logits,
       theirs[0].numpy(),
-      rtol=RTOL,
-      atol=ATOL,
+      rtol=tol,
+      atol=tol,
       err_msg=f'logits of step {i}',
     )
     outs.append((out, theirs))

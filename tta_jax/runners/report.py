@@ -35,6 +35,35 @@ def _pct(x) -> str:
   return '' if x is None else f'{100 * x:.1f}'
 
 
+def validation_ranking(results, val_acc, names) -> str:
+  """`names` ranked by mean source-val accuracy, with held-out error.
+
+  Only variants meta-trained and evaluated on every held-out domain are
+  ranked; the selection reads the validation column alone.
+  """
+  doms, ms = results['domains'], results['methods']
+  rows = []
+  for n in names:
+    acc = val_acc.get(n, {})
+    if n not in ms or any(d not in acc for d in doms):
+      continue
+    rows.append((sum(acc[d] for d in doms) / len(doms), n))
+  if not rows:
+    return '(no variant meta-trained and evaluated on every held-out domain)'
+  rows.sort(key=lambda r: -r[0])
+  lines = [
+    '## Variants ranked by source-domain validation accuracy\n',
+    '| variant | source-val accuracy | held-out mean error | selected |',
+    '|---|---|---|---|',
+  ]
+  for i, (acc, n) in enumerate(rows):
+    lines.append(
+      f'| {n} | {_pct(acc)} | {_pct(ms[n]["mean_error"])} | '
+      f'{"yes" if i == 0 else ""} |'
+    )
+  return '\n'.join(lines)
+
+
 def markdown_table(results: Mapping[str, Any]) -> str:
   """Error (%) per domain and method; mean error, ECE, speed, forgetting."""
   methods = results['methods']
