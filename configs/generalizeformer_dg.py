@@ -111,17 +111,16 @@ def add_generalizeformer(
   config.method_configs.generalizeformer = dict(generator)
   config.meta_train.generalizeformer = trainer
   variants = {**(ABLATIONS if ablations else {}), **(SWEEP if sweep else {})}
-  if variants:
-    for name, (kwargs, overrides) in variants.items():
-      config.method_configs[name] = {
-        'method': 'generalizeformer',
-        **generator,
-        **kwargs,
-      }
-      variant = trainer.copy_and_resolve_references()
-      variant.update(overrides)
-      config.meta_train[name] = variant
-      names.append(name)
+  for name, (kwargs, overrides) in variants.items():
+    config.method_configs[name] = {
+      'method': 'generalizeformer',
+      **generator,
+      **kwargs,
+    }
+    variant = trainer.copy_and_resolve_references()
+    variant.update(overrides)
+    config.meta_train[name] = variant
+    names.append(name)
   config.meta_methods = ','.join(names)
   return names
 
