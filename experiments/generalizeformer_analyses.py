@@ -47,7 +47,7 @@ from tta_jax import methods
 from tta_jax._src import params as params_lib
 from tta_jax.data import benchmarks, corruptions, sources
 from tta_jax.methods import generalizeformer as gf
-from tta_jax.runners import adapt, common, report as report_lib
+from tta_jax.runners import adapt, common, meta_train, report as report_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -111,21 +111,6 @@ def tables(results) -> str:
     out += '\n' + '\n'.join(ablations)
   else:
     out += '\n\n(no ablation rows: run the three commands with `:ablations`)'
-  return out
-
-
-def val_accuracies(config, workdir) -> dict[str, dict[str, float]]:
-  """{variant: {held-out domain: source-val accuracy}} from the
-  meta-trainers' metadata (`WORKDIR/[dg/<tag>/]meta/<name>/metadata.json`).
-  """
-  out = {}
-  for tag, _, wd in _benchmarks(config, workdir):
-    for name in str(config.meta_methods).split(','):
-      path = wd / 'meta' / name.strip() / 'metadata.json'
-      if path.exists():
-        acc = json.loads(path.read_text())['metrics'].get('val_accuracy')
-        if acc is not None:
-          out.setdefault(name.strip(), {})[tag or 'all'] = float(acc)
   return out
 
 
@@ -342,7 +327,7 @@ def main(argv):
     if any(n in results['methods'] for n in names[1:]):
       report.append(
         report_lib.validation_ranking(
-          results, val_accuracies(config, workdir), names
+          results, meta_train.validation_accuracies(config, workdir), names
         )
       )
   if 'batch_sizes' in FLAGS.analyses:

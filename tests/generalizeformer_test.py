@@ -499,6 +499,35 @@ class ConfigTest(absltest.TestCase):
     self.assertIn('| 90.0 | 20.0 |', rows[0])
     self.assertIn('no variant', report.validation_ranking(results, {}, ['x']))
 
+  def test_validation_accuracies_read_the_meta_trainers_metadata(self):
+    config = generalizeformer_dg.get_config('small,sweep')
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    meta = workdir / 'dg' / 'rot75' / 'meta'
+    for name, acc in (
+      ('generalizeformer', 0.8),
+      ('generalizeformer_lr3x', 0.7),
+    ):
+      (meta / name).mkdir(parents=True)
+      (meta / name / 'metadata.json').write_text(
+        json.dumps({'metrics': {'val_accuracy': acc, 'best_step': 2}})
+      )
+    # A trainer without a validation score, and one not in meta_methods.
+    (meta / 'generalizeformer_layers4').mkdir()
+    (meta / 'generalizeformer_layers4' / 'metadata.json').write_text(
+      json.dumps({'metrics': {}})
+    )
+    (meta / 'stray').mkdir()
+    (meta / 'stray' / 'metadata.json').write_text(
+      json.dumps({'metrics': {'val_accuracy': 1.0}})
+    )
+    self.assertEqual(
+      meta_train.validation_accuracies(config, workdir),
+      {
+        'generalizeformer': {'rot75': 0.8},
+        'generalizeformer_lr3x': {'rot75': 0.7},
+      },
+    )
+
   def test_paper_dataset_configs_build(self):
     for dataset, k in generalizeformer_pacs.NUM_CLASSES.items():
       for arg in (f'dataset={dataset}', f'dataset={dataset},ablations=true'):

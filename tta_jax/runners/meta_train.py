@@ -205,6 +205,24 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark) -> dict:
   return out
 
 
+def validation_accuracies(config, workdir) -> dict[str, dict[str, float]]:
+  """{method: {benchmark: source-val accuracy}} of the finished meta-trainers
+  that report one (`metrics['val_accuracy']` in `meta/<name>/metadata.json`;
+  leave-one-domain-out benchmarks are keyed by held-out domain)."""
+  workdir = pathlib.Path(workdir)
+  names = meta_method_names(config)
+  out = {}
+  for tag, benchmark in benchmarks.targets(config.data, config.setting):
+    wd = workdir if tag is None else workdir / 'dg' / tag
+    for name in names:
+      path = wd / 'meta' / name / 'metadata.json'
+      if path.exists():
+        acc = json.loads(path.read_text())['metrics'].get('val_accuracy')
+        if acc is not None:
+          out.setdefault(name, {})[tag or benchmark.name] = float(acc)
+  return out
+
+
 def run(config, workdir) -> dict:
   """Meta-trains on every benchmark of the config (see module docstring)."""
   workdir = pathlib.Path(workdir)
