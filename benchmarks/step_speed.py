@@ -297,7 +297,7 @@ class ModelSetup:
       import torch
 
       from tests import torch_models
-      from tta_jax.models import convert
+      from tta_jax.models.vision import convert
 
       torch.manual_seed(seed)
       torch_model = torch_models.WideResNet(28, 2, NUM_CLASSES)

@@ -4,7 +4,7 @@ r"""Converts a PyTorch checkpoint on disk into a tta_jax source checkpoint.
       --model=wide_resnet28_10 --num_classes=10 --input_shape=32,32,3 \
       --out=$SRC
 
-then `--config.source_ckpt=$SRC`. Layouts (see `tta_jax.models.convert`):
+then `--config.source_ckpt=$SRC`. Layouts (see `tta_jax.models.vision.convert`):
 RobustBench `Standard` WRN-28-10 (`wide_resnet28_10`, no normalisation),
 torchvision ResNet-18/50 (`resnet18`, `resnet50`, ImageNet mean/std,
 `--input_shape=224,224,3`), TTT's BatchNorm ResNet-26 (`resnet26`; TTT
@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from tta_jax._src import checkpoint
-from tta_jax.models import convert
+from tta_jax.models.vision import convert
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None, 'PyTorch checkpoint (.pt/.pth).')

@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from tta_jax import models
 from tta_jax._src import checkpoint
-from tta_jax.models import convert
+from tta_jax.models.vision import convert
 
 torch = pytest.importorskip('torch')
 from tests import torch_models as tm  # noqa: E402

@@ -18,7 +18,7 @@ from tta_jax import models
 from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
 from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
-from tta_jax.models import generator as generator_lib
+from tta_jax.models.generators import generalizeformer as generator_lib
 from tta_jax.runners import adapt, meta_train, report
 
 # A one-layer, 16-wide generator over 8-wide tokens (the tiny net's BN

@@ -12,7 +12,7 @@ from absl.testing import absltest
 from tta_jax import models
 from tta_jax._src import augment, losses, params as params_lib, test_utils
 from tta_jax.methods import rotta as rotta_lib
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 SHAPE = (4, 4, 1)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 
 class DigitsNet(nn.Module):
-  """`tta_jax.models.digits.DigitsCNN` in PyTorch (NCHW)."""
+  """`tta_jax.models.vision.digits.DigitsCNN` in PyTorch (NCHW)."""
 
   def __init__(self, num_classes: int = 10, width: int = 16):
     super().__init__()

@@ -4,10 +4,11 @@ For every test batch, one forward and one backward pass of the source model
 give the batch's pooled features z and the layer-wise gradients g of the
 batch-mean prediction entropy with respect to the generated parameters (BN
 scale/bias and the classifier weights); a meta-learned transformer phi
-(`tta_jax.models.generator`) reads (theta_s, z, g) as one token per layer
-row and writes theta_t = theta_s + Delta; the batch is predicted with
-theta_t. Convolutions are never generated, and nothing of the backbone is
-updated: by default each batch starts again from theta_s (stateless).
+(`tta_jax.models.generators.generalizeformer`) reads (theta_s, z, g) as one
+token per layer row and writes theta_t = theta_s + Delta; the batch is
+predicted with theta_t. Convolutions are never generated, and nothing of the
+backbone is updated: by default each batch starts again from theta_s
+(stateless).
 
 phi is meta-trained by `meta_train` on the source domains only: per episode
 a meta-target batch from a domain the episode's backbone was not trained on
@@ -43,7 +44,7 @@ from tta_jax._src import (
   params as params_lib,
 )
 from tta_jax.data import sources
-from tta_jax.models import generator as generator_lib
+from tta_jax.models.generators import generalizeformer as generator_lib
 
 GENERATE = ('bn', 'classifier', 'both', 'all')
 BN_MODES = ('batch', 'source')

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from tta_jax._src import base, losses, params as params_lib
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 
 def norm(

@@ -25,7 +25,7 @@ from tta_jax._src import (
   meta as meta_lib,
   params as params_lib,
 )
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 
 class MemoryBank(NamedTuple):

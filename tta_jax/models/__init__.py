@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tta_jax.models import cifar, digits, layers, resnet
-from tta_jax.models.layers import BATCH, BatchNorm, BNMode
+from tta_jax.models.vision import cifar, digits, layers, resnet
+from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode
 
 __all__ = [
   'BATCH',

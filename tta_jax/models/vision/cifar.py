@@ -2,7 +2,7 @@
 
 Layouts follow the PyTorch originals (RobustBench `wide_resnet.py`, the TTT
 `ResNet.py`), including their padding, so their checkpoints convert
-one-to-one (`tta_jax.models.convert`). Inputs are images in [0, 1]; the
+one-to-one (`tta_jax.models.vision.convert`). Inputs are images in [0, 1]; the
 per-channel normalisation sits inside the model (RobustBench's `Standard`
 WRN-28-10 uses none, so `mean=0, std=1` there).
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 
 def _conv(ch, k, stride, name):

@@ -5,7 +5,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 
 class DigitsCNN(nn.Module):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tta_jax.models import layers
+from tta_jax.models.vision import layers
 
 
 def _conv(ch, k, stride, name):

@@ -1,0 +1,1 @@
+"""Networks that write parameters: GeneralizeFormer's transformer."""
