@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from tta_jax.data import corruptions
+from tta_jax.data.images import corruptions
 
 # The 15 ImageNet-C corruption families, in the standard order.
 CORRUPTIONS = corruptions.CORRUPTIONS

@@ -16,7 +16,7 @@ from absl.testing import absltest
 from configs import meta_ttt_cifar, meta_ttt_digits
 from tta_jax import models
 from tta_jax._src import losses, params as params_lib, test_utils
-from tta_jax.data import corruptions
+from tta_jax.data.images import corruptions
 from tta_jax.methods import meta_ttt
 from tta_jax.runners import adapt, meta_train
 

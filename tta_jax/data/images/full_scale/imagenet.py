@@ -12,7 +12,7 @@ is not on disk is an error saying what to put where.
 | ---------------------- | ------------------------------------------------- |
 | cifar10_corrupted      | TFDS `cifar10_corrupted/<c>_<s>`, test            |
 | cifar10_c, cifar100_c  | Hendrycks' released `.npy` folder (CIFAR-10-C/)   |
-| cifar100_corrupted     | TFDS `cifar100` test + `tta_jax.data.corruptions` |
+| cifar100_corrupted     | TFDS `cifar100` test + `images.corruptions`       |
 | cifar10, cifar100      | TFDS clean test split (one domain, 'clean')       |
 | imagenet2012_corrupted | TFDS `imagenet2012_corrupted/<c>_<s>`, validation |
 | imagenet_c             | Hendrycks' ImageNet-C folders `<c>/<s>/<wnid>/`   |
@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from tta_jax.data import (
+from tta_jax.data import sources
+from tta_jax.data.images import (
   corruptions as corruptions_lib,
   image_folder,
-  sources,
   tfds_sources,
 )
 
@@ -498,10 +498,10 @@ def cifar100_corrupted(
 ) -> list[sources.Domain]:
   """TFDS `cifar100` with corruptions generated on access.
 
-  The corruptions are `tta_jax.data.corruptions`' JAX ports (keyed by
-  example index and `seed`, like TTAB's "stochastic" CIFAR-C), not the
+  The corruptions are `tta_jax.data.images.corruptions`' JAX ports (keyed
+  by example index and `seed`, like TTAB's "stochastic" CIFAR-C), not the
   released CIFAR-100-C pixels: use `cifar100_c` for those. Default: all of
-  that module's `CORRUPTIONS`.
+  that package's `CORRUPTIONS`.
   """
 
   names = _corruptions(
