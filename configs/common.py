@@ -200,6 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.clean_eval_examples = 1000  # forgetting check on the clean split
   config.parallel = ''  # '', 'domains' (episodic) or 'seeds': vmapped streams
   config.shard_batch = False  # shard each batch over all devices
+  # Rows with NaN or Inf pixels: 'skip' masks them out of adaptation and
+  # scores them as errors (counted in results.json); 'raise' stops the run.
+  config.nonfinite = 'skip'
   # Meta-training (experiments.meta_train_main): which methods meta-learn,
   # and each one's settings (config.meta_train.<method>).
   config.meta_methods = ''
@@ -225,14 +228,22 @@ def validation_stream(config: ml_collections.ConfigDict) -> None:
 
 
 def shrink(config: ml_collections.ConfigDict) -> None:
-  """The `small` switch: seconds-long runs for tests."""
+  """The `small` switch: short runs for tests that still mean something.
+
+  The source model trains in well under a minute to a clean test error
+  under 10 % (1,000 digits, 6 epochs of batch 32 at learning rate 1e-2,
+  a width-8 CNN), so adaptation measurably helps on the small corruption
+  stream and end-to-end tests can assert it.
+  """
   config.data.corruptions = ('gaussian_noise', 'defocus_blur', 'contrast')
-  config.data.train_size = 500
+  config.data.train_size = 1000
   config.data.val_size = 100
   config.data.test_size = 100
   config.data.max_examples_per_domain = 100
   config.model.width = 8
-  config.pretrain.epochs = 2
+  config.pretrain.epochs = 6
+  config.pretrain.batch_size = 32
+  config.pretrain.learning_rate = 1e-2
   config.batch_size = 32
   config.num_source_images = 64
   config.clean_eval_examples = 64

@@ -210,7 +210,7 @@ def eata(
     }
     return new_state, base.StepOutput(logits, metrics)
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)
 
 
 def eta(

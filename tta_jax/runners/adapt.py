@@ -47,8 +47,8 @@ from tta_jax.runners import (
 
 
 def validate_config(config) -> list[str]:
-  """Checks names early; returns the requested method names."""
-  return configs.method_names(config)
+  """Checks the config before any work; returns the requested methods."""
+  return configs.check(config)
 
 
 def source_context(config, benchmark) -> dict[str, Any]:
@@ -103,6 +103,7 @@ def run_method(
     shard_batch=config.shard_batch,
     checkpoint_every=config.checkpoint_every,
     log_every=config.log_every,
+    nonfinite=config.nonfinite,
   )
 
   def plan(seed):
@@ -210,6 +211,11 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
       100 * results['methods'][name]['mean_error'],
       time.perf_counter() - t0,
     )
+  # Methods this workdir finished earlier under the same settings stay in
+  # the tables when a rerun asks for fewer.
+  for name in artifacts.recorded_names(config, workdir):
+    if name not in results['methods']:
+      results['methods'][name] = artifacts.cached_result(config, workdir, name)
   return results
 
 
@@ -221,9 +227,9 @@ def run(config, workdir) -> dict[str, Any]:
   `WORKDIR/dg/<domain>/`, and the results hold one entry per held-out
   domain.
   """
+  names = validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  names = validate_config(config)
   per_target = {
     tag: run_benchmark(config, wd, bench, names)
     for tag, bench, wd in artifacts.benchmark_dirs(config, workdir)

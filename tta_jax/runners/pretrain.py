@@ -14,7 +14,7 @@ from absl import logging
 
 from tta_jax._src import checkpoint
 from tta_jax.data import benchmarks
-from tta_jax.runners import artifacts
+from tta_jax.runners import artifacts, configs
 from tta_jax.trainers import source
 
 
@@ -39,6 +39,7 @@ def train(config, benchmark: benchmarks.Benchmark, workdir):
       metadata[f'{split}_error'] = source.evaluate(apply_fn, variables, src)
   metadata['train_seconds'] = info['train_seconds']
   metadata['epochs'] = info['epochs']
+  metadata['training'] = artifacts.source_training(config)
   return variables, metadata
 
 
@@ -62,7 +63,11 @@ def train_and_save(config, workdir, benchmark):
 
 
 def ensure_source(config, workdir, benchmark, module):
-  """`(variables, metadata)` of the source model, training it if missing."""
+  """`(variables, metadata)` of the source model, training it if missing.
+
+  A source model this workdir trained under another recipe, seed or data
+  split is refused (it would silently change every number), not reused.
+  """
   if not artifacts.has_source(config, workdir) and not config.source_ckpt:
     if benchmark.source_train is not None:
       logging.info(
@@ -70,11 +75,17 @@ def ensure_source(config, workdir, benchmark, module):
         artifacts.source_dir(config, workdir),
       )
       train_and_save(config, workdir, benchmark)
-  return artifacts.load_source(config, workdir, benchmark, module)
+  variables, metadata = artifacts.load_source(
+    config, workdir, benchmark, module
+  )
+  if not config.source_ckpt:
+    artifacts.check_source_training(config, workdir, metadata)
+  return variables, metadata
 
 
 def run(config, workdir):
   """Trains and saves the source model to `WORKDIR/source`."""
+  configs.check(config)
   out = None
   for _, benchmark, wd in artifacts.benchmark_dirs(config, workdir):
     out = train_and_save(config, wd, benchmark)

@@ -6,6 +6,8 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from tta_jax._src import checkpoint
+
 _SHORT = {
   'gaussian_noise': 'gauss',
   'shot_noise': 'shot',
@@ -142,9 +144,11 @@ def write(
 ) -> str:
   """Writes NAME.{json,md,csv,png} into `workdir`; prints the table."""
   workdir = pathlib.Path(workdir)
-  (workdir / f'{name}.json').write_text(json.dumps(results, indent=2))
+  checkpoint.write_atomically(
+    workdir / f'{name}.json', json.dumps(results, indent=2)
+  )
   table = markdown_table(results)
-  (workdir / f'{name}.md').write_text(table + '\n')
+  checkpoint.write_atomically(workdir / f'{name}.md', table + '\n')
   write_csv(results, workdir / f'{name}.csv')
   plot(results, workdir / f'{name}.png')
   print(table, flush=True)

@@ -153,8 +153,8 @@ def validation_accuracies(config, workdir) -> dict[str, dict[str, float]]:
 
 def run(config, workdir) -> dict:
   """Trains on every benchmark of the config (see module docstring)."""
+  configs.check(config)  # fail on bad names and values before any training
   workdir = pathlib.Path(workdir)
-  configs.trained_names(config)  # fail on unknown names before any training
   out = {
     tag or bench.name: run_benchmark(config, wd, bench)
     for tag, bench, wd in artifacts.benchmark_dirs(config, workdir)
