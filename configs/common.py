@@ -209,7 +209,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta_train = ml_collections.ConfigDict()
   config.results_name = 'results'  # WORKDIR/<results_name>.{json,md,...}
   config.checkpoint_every = 50  # batches; 0 disables stream checkpoints
-  config.log_every = 50
+  config.log_every = 50  # batches between trainers' progress lines
+  # Progress of the adaptation runs: a line (or, on a terminal, a progress
+  # bar) at least every this many seconds, with ETAs.
+  config.progress_seconds = 10.0
+  config.tensorboard = False  # per-batch metrics in WORKDIR/tensorboard
   return config
 
 

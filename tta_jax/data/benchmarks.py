@@ -413,6 +413,22 @@ BENCHMARKS = {
 }
 
 
+def target_tags(data_config) -> list[str | None] | None:
+  """The tags `targets` would return, without loading any data: `[None]`
+  for single-source benchmarks, the held-out domains of the embedded
+  leave-one-domain-out ones; None where that needs the data."""
+  name = data_config['name']
+  if name not in DG_BENCHMARKS:
+    return [None]
+  if data_config.held_out != 'all':
+    return [h.strip() for h in data_config.held_out.split(',')]
+  if name == 'digits_rotated_dg':
+    return [f'rot{d}' for d in data_config.rotations]
+  if name == 'digits_corrupted_dg':
+    return list(data_config.dg_domains)
+  return None
+
+
 def check_data_config(data_config) -> None:
   """What can be checked of a data config without loading any data.
 

@@ -40,6 +40,7 @@ from tta_jax.runners import (
   artifacts,
   configs,
   pretrain,
+  progress,
   report,
   scoring,
   streams as stream_lib,
@@ -86,9 +87,20 @@ def build_adapter(config, name, apply_fn, variables, benchmark, context, wd):
 
 
 def run_method(
-  name, config, apply_fn, variables, benchmark, context, workdir: pathlib.Path
+  name,
+  config,
+  apply_fn,
+  variables,
+  benchmark,
+  context,
+  workdir: pathlib.Path,
+  job: progress.Job | None = None,
+  label: str | None = None,
 ) -> dict[str, Any]:
-  """Runs one method over the configured stream(s); returns its results."""
+  """Runs one method over the configured stream(s); returns its results.
+
+  `job` reports progress (`label` is the method's name in it).
+  """
   cached = artifacts.cached_result(config, workdir, name)
   if cached is not None:
     logging.info('%s: already done', name)
@@ -104,7 +116,9 @@ def run_method(
     checkpoint_every=config.checkpoint_every,
     log_every=config.log_every,
     nonfinite=config.nonfinite,
+    progress=job,
   )
+  label = label or name
 
   def plan(seed):
     return streams.plan(
@@ -128,7 +142,7 @@ def run_method(
         rng,
         run_kwargs,
         ckpt_dir(f'seed{s}'),
-        name,
+        label,
       )
       for s in seeds
     ]
@@ -140,7 +154,7 @@ def run_method(
       domains,
       rngs=[rng] * len(seeds),
       checkpoint_dir=ckpt_dir('seeds'),
-      name=name,
+      name=label,
       **run_kwargs,
     )
     per_seed = stream_lib.split_streams(adapter, res)
@@ -153,7 +167,7 @@ def run_method(
         domains,
         rngs=[rng],
         checkpoint_dir=ckpt_dir(f'seed{s}'),
-        name=name,
+        name=label,
         **run_kwargs,
       )
       for s in seeds
@@ -175,7 +189,9 @@ def run_method(
   return out
 
 
-def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
+def run_benchmark(
+  config, workdir: pathlib.Path, benchmark, names, job=None, tag=None
+):
   """Every method of `names` on one benchmark; returns the results dict."""
   module, apply_fn = artifacts.build_model(config.model, benchmark)
   variables, source_meta = pretrain.ensure_source(
@@ -202,14 +218,19 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
   }
   for name in names:
     t0 = time.perf_counter()
+    label = _label(name, tag)
+    done = artifacts.cached_result(config, workdir, name) is not None
     results['methods'][name] = run_method(
-      name, config, apply_fn, variables, benchmark, context, workdir
+      name, config, apply_fn, variables, benchmark, context, workdir, job, label
     )
+    seconds = time.perf_counter() - t0
+    if job is not None and not done:
+      job.finished(seconds)
     logging.info(
       '%s: mean error %.2f%% (%.1fs)',
-      name,
+      label,
       100 * results['methods'][name]['mean_error'],
-      time.perf_counter() - t0,
+      seconds,
     )
   # Methods this workdir finished earlier under the same settings stay in
   # the tables when a rerun asks for fewer.
@@ -230,13 +251,32 @@ def run(config, workdir) -> dict[str, Any]:
   names = validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  per_target = {
-    tag: run_benchmark(config, wd, bench, names)
-    for tag, bench, wd in artifacts.benchmark_dirs(config, workdir)
-  }
+  logging.info('Config:\n%s', config)
+  per_target = artifacts.finished_results(config, workdir, names)
+  if per_target is not None:
+    logging.info('Every method is already done in %s', workdir)
+  else:
+    logging.info('Building the benchmark data (%s)', config.data.name)
+    targets = artifacts.benchmark_dirs(config, workdir)
+    job = progress.Job(
+      [_label(n, tag) for tag, _, _ in targets for n in names],
+      seconds=config.progress_seconds,
+      tensorboard_dir=workdir / 'tensorboard' if config.tensorboard else None,
+    )
+    per_target = {
+      tag: run_benchmark(config, wd, bench, names, job, tag)
+      for tag, bench, wd in targets
+    }
   if list(per_target) == [None]:
     results = per_target[None]
   else:
     results = scoring.merge_held_out(config, per_target)
-  report.write(results, workdir, artifacts.results_name(config))
+  name = artifacts.results_name(config)
+  report.write(results, workdir, name)
+  logging.info('Results: %s', workdir / f'{name}.{{json,md,csv,png}}')
   return results
+
+
+def _label(name: str, tag: str | None) -> str:
+  """A method's name in progress lines (with its held-out domain)."""
+  return name if tag is None else f'{name}@{tag}'

@@ -370,6 +370,32 @@ def recorded_names(config, workdir) -> list[str]:
   ]
 
 
+def finished_results(config, workdir, names) -> dict | None:
+  """`{tag: results}` when every method of every benchmark is already
+  recorded under the current config, read without building any data (a
+  rerun of a finished workdir only rewrites the tables); else None."""
+  tags = benchmarks.target_tags(config.data)
+  if tags is None:
+    return None
+  workdir = pathlib.Path(workdir)
+  out = {}
+  for tag in tags:
+    wd = workdir if tag is None else workdir / 'dg' / tag
+    records = {n: cached_result(config, wd, n) for n in names}
+    source = checkpoint.load_metadata(source_dir(config, wd))
+    if source is None or any(r is None for r in records.values()):
+      return None
+    for name in recorded_names(config, wd):
+      records.setdefault(name, cached_result(config, wd, name))
+    out[tag] = {
+      'config': configs.jsonable(config),
+      'source': source,
+      'domains': list(records[names[0]]['domains']),
+      'methods': records,
+    }
+  return out
+
+
 def stream_checkpoint_dir(config, workdir, name: str, tag: str):
   key = result_key(config, name)
   return pathlib.Path(workdir) / 'adapt_ckpt' / f'{name}-{key}' / tag

@@ -84,6 +84,38 @@ def _explain(error: Exception, argv) -> str:
   return first
 
 
+def quiet_libraries() -> None:
+  """Keeps the libraries' chatter (JAX's TPU probe, orbax's per-save INFO
+  lines) out of the output; `--verbose` brings it back."""
+  import logging as std_logging
+
+  from tta_jax._src import checkpoint
+
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+  checkpoint.quiet_orbax()
+
+
+def describe(config, prefix: str = 'config') -> str:
+  """Every key of `config` with its value and, where the runner documents
+  it, what it means (`--dry_run`)."""
+  lines = []
+
+  def walk(node, path):
+    for key in node.keys():
+      value = node[key]
+      dotted = f'{path}.{key}'
+      if hasattr(value, 'keys') and value.keys():
+        walk(value, dotted)
+        continue
+      if hasattr(value, 'to_dict'):  # an empty ConfigDict
+        value = value.to_dict()
+      doc = configs.KEY_HELP.get(dotted[len(prefix) + 1 :], '')
+      lines.append(f'{dotted} = {value!r}' + (f'    # {doc}' if doc else ''))
+
+  walk(config, prefix)
+  return '\n'.join(lines)
+
+
 def _check_workdir(workdir: str) -> None:
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
@@ -99,6 +131,15 @@ def main(run: Callable[[Any, str], Any]) -> None:
     lock_config=True,
   )
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
+  flags.DEFINE_bool(
+    'dry_run',
+    False,
+    'Print every config key with its value (and meaning), check the config, '
+    'and exit without running.',
+  )
+  flags.DEFINE_bool(
+    'verbose', False, "Also show the libraries' INFO lines (JAX, orbax)."
+  )
   flags.mark_flags_as_required(['config', 'workdir'])
 
   def parse(argv):
@@ -122,11 +163,18 @@ def main(run: Callable[[Any, str], Any]) -> None:
   def main_fn(argv):
     if len(argv) > 1:
       fail(f'unexpected arguments: {argv[1:]}')
+    if not FLAGS.verbose:
+      quiet_libraries()
+    if FLAGS.dry_run:
+      print(describe(FLAGS.config), flush=True)
     try:
       _check_workdir(FLAGS.workdir)
-      configs.check(FLAGS.config)
+      names = configs.check(FLAGS.config)
     except USAGE_ERRORS as e:
       fail(str(e).splitlines()[0] if str(e) else repr(e))
+    if FLAGS.dry_run:
+      print(f'The config is valid; methods: {", ".join(names)}', flush=True)
+      return
     run(FLAGS.config, FLAGS.workdir)
 
   app.run(main_fn, flags_parser=parse)

@@ -224,3 +224,41 @@ def check(config) -> list[str]:
         batch_bn,
       )
   return names
+
+
+# What the runner reads from an adaptation config (`--dry_run` prints it
+# beside every key's value).
+KEY_HELP = {
+  'seed': 'model initialisation and method random keys',
+  'seeds': "stream-order seeds, comma-separated ('0,1,2'); results average",
+  'methods': 'comma-separated methods run side by side (METHODS or variants)',
+  'setting': 'continual, reset_each_shift, gradual, mixed_domains, '
+  'correlated_* (see tta_jax.data.streams)',
+  'batch_size': 'test batch size',
+  'dirichlet_delta': 'label correlation of the correlated settings',
+  'num_source_images': 'clean source images given to methods (EATA Fisher)',
+  'clean_eval_examples': 'clean test examples for the forgetting check',
+  'parallel': "'' sequential, 'domains' or 'seeds': vmapped streams",
+  'shard_batch': 'shard every batch over all devices',
+  'nonfinite': "'skip' masks NaN/Inf rows out and scores them as errors; "
+  "'raise' stops the run",
+  'meta_methods': 'methods whose trainers meta_train_main runs',
+  'results_name': 'WORKDIR/<results_name>.{json,md,csv,png}',
+  'checkpoint_every': 'batches between stream checkpoints (0: none)',
+  'log_every': "batches between trainers' progress lines",
+  'progress_seconds': 'seconds between progress lines of a stream',
+  'tensorboard': 'write per-batch metrics to WORKDIR/tensorboard',
+  'source_ckpt': "a source model folder; '' trains one in WORKDIR/source",
+  'data.name': 'the benchmark (tta_jax.data.benchmarks)',
+  'data.corruptions': 'the corruption domains, in stream order',
+  'data.severity': 'corruption severity, 1 to 5',
+  'data.natural_shift': 'append the UCI digits as a natural-shift domain',
+  'data.target_split': "'test', or 'val' for a validation stream",
+  'data.max_examples_per_domain': 'cap per domain (0: all)',
+  'data.held_out': "leave-one-domain-out: 'all' or held-out domain names",
+  'model.name': 'the model (tta_jax.models.MODELS)',
+  'pretrain.epochs': 'source training epochs',
+  'pretrain.batch_size': 'source training batch size',
+  'pretrain.learning_rate': 'source training AdamW learning rate (cosine)',
+  'pretrain.init_ckpt': 'warm-start source training from this checkpoint',
+}

@@ -131,6 +131,7 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
     scores['correct'] = scores['correct'] & finite
     scores['invalid'] = ~finite
     scores['skipped'] = out.metrics.get('skipped_update', jnp.zeros([]))
+    scores['metrics'] = dict(out.metrics)  # read only for TensorBoard
     return state, scores
 
   fn = body if axes is None else jax.vmap(body, (axes, 0), (axes, 0))
@@ -346,6 +347,7 @@ def run_streams(
   log_every: int = 0,
   nonfinite: str = 'skip',
   name: str = '',
+  progress=None,
 ) -> StreamResult:
   """Runs K streams of identical batch structure; K > 1 is one vmap.
 
@@ -359,10 +361,13 @@ def run_streams(
     shard_batch: shard every batch over all devices (batch axis).
     checkpoint_dir: where to checkpoint/resume (None: no checkpoints).
     checkpoint_every: batches between checkpoints (0: never).
-    log_every: batches between progress lines (0: never).
+    log_every: batches between progress lines (0: never) when `progress`
+      is None.
     nonfinite: 'skip' (rows with NaN or Inf pixels are masked out and
       scored as errors) or 'raise' (such a batch is an error).
     name: for log lines.
+    progress: a `progress.Job`: progress by time with ETAs (a terminal
+      progress bar, or log lines), and TensorBoard if it writes there.
 
   Returns:
     A `StreamResult`.
@@ -397,6 +402,9 @@ def run_streams(
   t_compile = time.perf_counter()
   compiled = step.lower(_copy(state0), read(start)).compile()
   compile_seconds = time.perf_counter() - t_compile
+  reporter = (
+    progress.stream(name, num_batches, start) if progress is not None else None
+  )
 
   t_start = time.perf_counter()
   # A run is the batches since the last reset; its time is attributed to
@@ -404,6 +412,7 @@ def run_streams(
   t_run, run_first, paused = time.perf_counter(), start, 0.0
   completed = start  # batches whose results are in `state` and `records`
   in_step = False  # True while `state` and `completed` may disagree
+  seen = 0  # valid examples adapted on in this run
   try:
     with DeferredInterrupt() as interrupt:
       for i in range(start, num_batches):
@@ -420,9 +429,21 @@ def run_streams(
         records.add(i, scores)
         completed = i + 1
         in_step = False
-        if log_every and completed % log_every == 0:
+        seen += int(records.valid[:, i].sum())
+        if reporter is not None:
+          writes = reporter.writer is not None
+          if reporter.due() or writes or completed == num_batches:
+            records.flush()
+            reporter.update(
+              completed,
+              examples=seen,
+              running_error=records.running_error(completed),
+              metrics=_scalars(scores['metrics']) if writes else None,
+            )
+          else:
+            reporter.update(completed, examples=seen)
+        elif log_every and completed % log_every == 0:
           records.flush()
-          seen = records.valid[:, start:completed].sum()
           saving = ckpt.seconds if ckpt is not None else 0.0
           logging.info(
             '%s: batch %d/%d, %.0f examples/s, running error %.2f%%',
@@ -464,7 +485,14 @@ def run_streams(
   finally:
     if ckpt is not None:
       ckpt.close()
+    if reporter is not None:
+      reporter.close()
   return records.result(compile_seconds, state)
+
+
+def _scalars(metrics) -> dict[str, float]:
+  """A step's metrics as floats (the mean over K vmapped streams)."""
+  return {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
 
 
 def _check_same_structure(positions: Sequence[list]) -> None:
