@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from tta_jax import models
+from tta_jax import models, torch_reference
 from tta_jax._src import losses
 from tta_jax.methods import eata, sar, tent
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip('torch', reason=torch_reference.INSTALL_HINT)
 from tta_jax.torch_reference import methods as ref  # noqa: E402
 
 pytestmark = pytest.mark.torch

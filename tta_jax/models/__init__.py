@@ -3,7 +3,9 @@
 Methods never touch flax: they call
 `apply_fn(params, batch_stats, images, *, use_batch_stats, bn_mode, mask)`,
 which returns a `ModelOutput` whose `batch_stats` are the statistics this
-forward normalised with (the source ones in source mode).
+forward normalised with (the source ones in source mode). `wrap` turns a
+stock flax module (`nn.BatchNorm(use_running_average=not train)`, logits
+out) into such an `apply_fn`.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 from tta_jax.models.vision import cifar, digits, layers, resnet
 from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode, mixed_bn
+from tta_jax.models.wrap import WrappedModel, wrap
 
 __all__ = [
   'BATCH',
@@ -32,6 +35,8 @@ __all__ = [
   'layers',
   'with_batch_bn',
   'with_mixed_bn',
+  'wrap',
+  'WrappedModel',
 ]
 
 

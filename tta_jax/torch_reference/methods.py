@@ -19,7 +19,13 @@ layer normalises with the current batch (biased variance), as ours does.
 import math
 
 import numpy as np
-import torch
+
+from tta_jax.torch_reference import INSTALL_HINT
+
+try:
+  import torch
+except ModuleNotFoundError as e:  # the optional `torch` extra
+  raise ModuleNotFoundError(f'{e}: {INSTALL_HINT}', name=e.name) from e
 import torch.nn.functional as F
 from torch import nn
 
