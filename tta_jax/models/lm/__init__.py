@@ -1,0 +1,1 @@
+"""Llama-family language models: the decoder, generation, import, tokenizer."""
