@@ -247,3 +247,34 @@ def pad_to_bucket(tokens, mask, *, multiple: int = 32, side: str = 'left',
     np.pad(tokens, width, constant_values=pad_id),
     np.pad(mask, width, constant_values=False),
   )
+
+
+def generate_text(
+  lm,
+  prompts,
+  *,
+  max_new_tokens: int = 32,
+  chat: bool = False,
+  **kwargs,
+) -> list[str]:
+  """Continuations of text prompts by `lm` (a `load.LM`), a convenience.
+
+  `chat` wraps each prompt as a user message in the model's chat template.
+  Other keyword arguments go to `generate` (e.g. `sampling`, `rng`).
+  """
+  tok = lm.tokenizer
+  if chat:
+    prompts = [tok.chat([{'role': 'user', 'content': p}]) for p in prompts]
+  ids, mask = tok.encode_batch(prompts, side='left', multiple=32)
+  gen = generate(
+    lm.params,
+    ids,
+    mask,
+    config=lm.config,
+    max_new_tokens=max_new_tokens,
+    stop_ids=tok.stop_ids,
+    pad_id=tok.pad_id,
+    **kwargs,
+  )
+  toks, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+  return [tok.decode(t[:n]) for t, n in zip(toks, lengths, strict=True)]

@@ -19,7 +19,6 @@ import uuid
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from tta_jax._src import checkpoint
 from tta_jax.models.lm import (
@@ -156,7 +155,7 @@ def load(
   path = resolve(source)
   if not use_cache:
     config, params, tok = convert(path, dtype=dtype)
-    return LM(config, jax.tree.map(np.asarray, params), tok, str(path))
+    return LM(config, jax.device_put(params), tok, str(path))
   root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
   stem = path.stem if path.is_file() else path.name
   entry = root / f'{stem}-{dtype}-{_fingerprint(path)}'
@@ -164,7 +163,8 @@ def load(
     config, params, tok = convert(path, dtype=dtype)
     _store(entry, config, params, tok, str(path))
   config, params, tok = _restore(entry)
-  return LM(config, params, tok, str(path))
+  # Device arrays: numpy leaves would be copied into every jitted call.
+  return LM(config, jax.device_put(params), tok, str(path))
 
 
 def describe(lm: LM) -> dict[str, Any]:
