@@ -27,10 +27,12 @@ importer undoes llama.cpp's interleaved permutation of q/k.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,8 @@ class LlamaConfig:
   unroll: int | bool = 1
 
   def __post_init__(self):
+    if self.head_dim is None:  # stored explicitly, so equal configs compare equal
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f'num_heads={self.num_heads} is not a multiple of '
@@ -106,7 +110,7 @@ class LlamaConfig:
 
   @property
   def head_size(self) -> int:
-    return self.head_dim or self.hidden_size // self.num_heads
+    return self.head_dim
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -145,7 +149,8 @@ class LowRank(NamedTuple):
 LowRankMap = Mapping[str, LowRank]
 
 
-class LayerHook(NamedTuple):
+@flax.struct.dataclass
+class LayerHook:
   """Low-rank updates computed inside the forward pass, layer by layer.
 
   `fn(xs_l, h, mask) -> {linear: LowRank}` is called in every layer with
@@ -153,10 +158,13 @@ class LayerHook(NamedTuple):
   a generator's per-layer weights), the block input `h` [B, T, D] and the
   token mask [B, T], before the block runs. A Generative-Adapter-style
   generator builds a layer's update from that layer's hidden states here.
+  `fn` is static under `jit` (hashed by identity): build it once.
   """
 
-  fn: Callable[[Any, jax.Array, jax.Array], LowRankMap]
-  xs: Any
+  fn: Callable[[Any, jax.Array, jax.Array], LowRankMap] = flax.struct.field(
+    pytree_node=False
+  )
+  xs: Any = None
 
 
 class KVCache(NamedTuple):
@@ -453,6 +461,9 @@ def check_tokens(tokens, mask=None) -> None:
     )
 
 
+@functools.partial(
+  jax.jit, static_argnames=('config', 'return_hidden', 'return_logits')
+)
 def apply(
   params: Params,
   tokens: jax.Array,
