@@ -110,10 +110,10 @@ def test_prompting_equals_the_full_prompt(tiny):
   np.testing.assert_array_equal(
     method.answer(params, one, prompt).tokens, want.tokens
   )
-  assert prompting.context_fits(state, 3 * L)
+  assert prompting.context_fits(state)
   state = method.absorb(params, state, c1)
   state = method.absorb(params, state, c1)
-  assert not prompting.context_fits(state, 3 * L)
+  assert not prompting.context_fits(state)
 
 
 def test_no_context_ignores_the_context(tiny):

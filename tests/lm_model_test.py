@@ -329,3 +329,24 @@ def test_cache_is_reused_and_never_clobbered_by_a_failed_conversion(
   third = load.load(path, cache_dir=cache)
   jax.tree.map(np.testing.assert_array_equal, third.params, first.params)
   assert third.tokenizer.encode('Hello') == first.tokenizer.encode('Hello')
+
+
+def test_gradients_flow_through_the_frozen_lm_to_a_lowrank(tiny):
+  config, params = tiny
+  ids = _ids(2, 5)
+  n, d = config.num_layers, config.hidden_size
+  a = jax.random.normal(jax.random.key(2), (n, d, 2)) * 0.1
+  b = jnp.zeros((n, 2, d))
+
+  def loss(ab, config):
+    out = model.apply(
+      params, ids, config=config, lowrank={'o_proj': model.LowRank(*ab)}
+    )
+    return -model.token_logprobs(out.logits, ids).mean()
+
+  g = jax.grad(loss)((a, b), config)
+  g_remat = jax.grad(loss)((a, b), dataclasses.replace(config, remat=True))
+  assert float(jnp.abs(g[1]).max()) > 0  # b = 0 still gets a gradient
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g, g_remat
+  )

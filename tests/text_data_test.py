@@ -17,7 +17,8 @@ def _wiki():
 
 def test_strip_markup():
   raw = (
-    "'''Foo''' is a [[bar|Bar]] of [[baz]].<ref>cite</ref> {{Infobox|a={{x}}}}\n"
+    "'''Foo''' is a [[bar|Bar]] of [[baz]].<ref>cite</ref> "
+    '{{Infobox|a={{x}}}}\n'
     '== History ==\n* item [http://e.com Site]\n'
     '[[File:a.png|thumb|caption [[link]]]]\n{| class="t"\n| cell\n|}\n'
     '<!-- note -->&amp; done'
@@ -78,7 +79,7 @@ def test_synthetic_tasks_are_deterministic_and_splits_disjoint(task):
   test = synthetic.build(task, 40, split='test', seed=0)
   answers = lambda eps: {qa.answer for e in eps for qa in e.qas}
   contexts = lambda eps: {c for e in eps for c in e.context}
-  if task == 'facts' or task == 'personalization':
+  if task in ('facts', 'personalization'):
     # No invented name or place appears in both splits.
     shared = {x for x in answers(train) & answers(test) if x.isalpha()}
     assert not shared, shared

@@ -153,10 +153,11 @@ def prompting(
   return context.ContextMethod(init_fn, absorb_fn, answer_fn, score_fn)
 
 
-def context_fits(state, capacity: int) -> bool:
-  """Whether the absorbed chunks fit the cache (host check after a stream)."""
+def context_fits(state) -> bool:
+  """Whether the absorbed chunks fitted the KV cache (a host-side check:
+  under `jit` an overflowing write would be clamped, not raised)."""
   cache = getattr(state, 'cache', None)
-  return cache is None or int(jnp.max(cache.index)) <= capacity
+  return cache is None or int(jnp.max(cache.index)) <= cache.size
 
 
 # Name -> factory(config, **kwargs) -> ContextMethod. The language-model

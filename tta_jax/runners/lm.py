@@ -24,6 +24,7 @@ template); they differ only in how they use the context.
 """
 
 import hashlib
+import inspect
 import json
 import pathlib
 import time
@@ -37,7 +38,7 @@ from absl import logging
 from tta_jax._src import context, text_metrics
 from tta_jax.data.text import corpora, synthetic
 from tta_jax.methods import prompting
-from tta_jax.models.lm import load as load_lib
+from tta_jax.models.lm import generate, load as load_lib
 
 TEXT_DOMAIN = 'wiki'
 
@@ -136,6 +137,39 @@ def _batches(n: int, batch_size: int):
 # Running one method.
 
 
+class _Meter:
+  """Tokens per second after the first batch (which includes compiling)."""
+
+  def __init__(self):
+    self.t0 = time.perf_counter()
+    self.tokens = 0
+    self.first = None  # (time, tokens) at the end of the first batch
+
+  def end_batch(self):
+    if self.first is None:
+      self.first = (time.perf_counter(), self.tokens)
+
+  @property
+  def seconds(self) -> float:
+    return time.perf_counter() - self.t0
+
+  @property
+  def rate(self) -> float:
+    now = time.perf_counter()
+    if self.first is not None and self.tokens > self.first[1]:
+      return (self.tokens - self.first[1]) / (now - self.first[0])
+    return self.tokens / (now - self.t0)
+
+  def summary(self) -> dict[str, float]:
+    first = self.first[0] - self.t0 if self.first else self.seconds
+    return {
+      'seconds': self.seconds,
+      'first_batch_seconds': first,
+      'tokens': self.tokens,
+      'tokens_per_second': self.rate,
+    }
+
+
 class _Compiled:
   """The method's functions, jitted once (state donated on absorb)."""
 
@@ -154,31 +188,45 @@ def _absorb_all(fns, params, state, tokens, mask):
   return state
 
 
+def chunk_length(config, contexts) -> int:
+  """`config.chunk_tokens`, or less when every context is shorter (the
+  longest context rounded up to `config.bucket`): no all-padding compute."""
+  longest = max(len(c) for c in contexts)
+  return min(
+    config.chunk_tokens, generate.bucket_length(longest, config.bucket)
+  )
+
+
+def context_tokens(tok, episodes) -> list[list[int]]:
+  return [tok.encode(''.join(e.context)) for e in episodes]
+
+
 def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
   """Exact match and F1 of one method on one task's episodes."""
   tok = lm.tokenizer
-  contexts = [tok.encode(''.join(e.context)) for e in episodes]
+  contexts = context_tokens(tok, episodes)
   nq = len(episodes[0].qas)
   if any(len(e.qas) != nq for e in episodes):
     raise ValueError(
       'every episode of a task needs the same number of questions'
     )
-  num_chunks = max(
-    len(context.balanced_split(c, config.chunk_tokens)) for c in contexts
-  )
+  length = chunk_length(config, contexts)
+  num_chunks = max(len(context.balanced_split(c, length)) for c in contexts)
   preds, refs, examples = [], [], []
-  n_tokens, t0 = 0, time.perf_counter()
+  meter = _Meter()
   b = config.batch_size
   for bi, (idx, real) in enumerate(_batches(len(episodes), b)):
     tokens, mask = context.chunk_stream(
       [contexts[i] for i in idx],
-      config.chunk_tokens,
+      length,
       pad_id=tok.pad_id,
       num_chunks=num_chunks,
     )
     state = fns.init(lm.params, jax.random.fold_in(rng, bi), b)
     state = _absorb_all(fns, lm.params, state, tokens, mask)
-    n_tokens += int(mask[:, :real].sum())
+    if not prompting.context_fits(state):
+      raise ValueError(f'{name}: the context overflowed the method state')
+    meter.tokens += int(mask[:, :real].sum())
     for q in range(nq):
       texts = [
         prompt_parts(tok, episodes[i].qas[q], config.prompt_format) for i in idx
@@ -191,7 +239,7 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
         rng=jax.random.fold_in(rng, 1000 * bi + q),
       )
       toks, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
-      n_tokens += int(
+      meter.tokens += int(
         pmask[:real].sum() + np.minimum(lengths[:real] + 1, toks.shape[1]).sum()
       )
       for r in range(real):
@@ -204,26 +252,23 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
           examples.append(
             {'prompt': texts[r], 'generated': text, 'answer': qa.answer}
           )
+    meter.end_batch()
     if config.log_every and (bi + 1) % config.log_every == 0:
-      dt = time.perf_counter() - t0
       logging.info(
         '%s: %d/%d episodes, EM %.3f, %.0f tokens/s',
         name,
         min(len(episodes), (bi + 1) * b),
         len(episodes),
         text_metrics.qa_scores(preds, refs)['exact_match'],
-        n_tokens / dt,
+        meter.rate,
       )
-  seconds = time.perf_counter() - t0
   scores = text_metrics.qa_scores(preds, refs)
   return {
     'error': 1.0 - scores['exact_match'],
     'exact_match': scores['exact_match'],
     'f1': scores['f1'],
     'n': len(preds),
-    'seconds': seconds,
-    'tokens': n_tokens,
-    'tokens_per_second': n_tokens / seconds,
+    **meter.summary(),
     'examples': examples,
   }
 
@@ -243,8 +288,7 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
     raise ValueError(
       'no held-out window has a previous window; use longer documents'
     )
-  nll, count, n_tokens = 0.0, 0, 0
-  t0 = time.perf_counter()
+  nll, count, meter = 0.0, 0, _Meter()
   b = config.batch_size
   for bi, (idx, real) in enumerate(_batches(len(targets), b)):
     rows = [targets[i] for i in idx]
@@ -260,9 +304,10 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
     valid = windows.mask[rows][:real, 1:] & windows.mask[rows][:real, :-1]
     nll -= float(logp[valid].sum())
     count += int(valid.sum())
-    n_tokens += int(
+    meter.tokens += int(
       windows.mask[rows][:real].sum() + windows.mask[ctx][:real].sum()
     )
+    meter.end_batch()
     if config.log_every and (bi + 1) % config.log_every == 0:
       logging.info(
         '%s/%s: %d/%d windows, perplexity %.2f, %.0f tokens/s',
@@ -271,17 +316,14 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
         min(len(targets), (bi + 1) * b),
         len(targets),
         text_metrics.perplexity(nll, count),
-        n_tokens / (time.perf_counter() - t0),
+        meter.rate,
       )
-  seconds = time.perf_counter() - t0
   return {
     'perplexity': text_metrics.perplexity(nll, count),
     'nll': nll / count,
     'n': len(targets),
     'scored_tokens': count,
-    'seconds': seconds,
-    'tokens': n_tokens,
-    'tokens_per_second': n_tokens / seconds,
+    **meter.summary(),
   }
 
 
@@ -293,23 +335,20 @@ def build_method(name, config, lm, tasks, windows):
     stop_ids=tok.stop_ids,
     pad_id=tok.pad_id,
   )
-  if name == 'prompting':
-    longest = [
-      len(
-        context.balanced_split(
-          tok.encode(''.join(e.context)), config.chunk_tokens
-        )
-      )
-      for eps in tasks.values()
-      for e in eps
-    ]
-    kwargs['max_context_tokens'] = max(longest + [1]) * config.chunk_tokens
+  factory = prompting.LM_METHODS[name]
+  if 'max_context_tokens' in inspect.signature(factory).parameters:
+    # Context slots (e.g. a KV cache) for the longest context stream.
+    need = [1]
+    for eps in tasks.values():
+      contexts = context_tokens(tok, eps)
+      length = chunk_length(config, contexts)
+      n = max(len(context.balanced_split(c, length)) for c in contexts)
+      need.append(n * length)
     if windows is not None:
-      kwargs['max_context_tokens'] = max(
-        kwargs['max_context_tokens'], windows.tokens.shape[1]
-      )
+      need.append(windows.tokens.shape[1])
+    kwargs['max_context_tokens'] = max(need)
   kwargs.update(dict(config.method_configs.get(name, {})))
-  return prompting.LM_METHODS[name](lm.config, **kwargs)
+  return factory(lm.config, **kwargs)
 
 
 def run_method(name, config, lm, tasks, windows, workdir) -> dict[str, Any]:

@@ -95,6 +95,7 @@ def _template(config):
 
 
 def _restore(entry: pathlib.Path):
+  checkpoint.quiet_orbax()
   meta = checkpoint.load_metadata(entry)
   config = model_lib.LlamaConfig.from_dict(meta['config'])
   template = jax.tree.map(

@@ -75,8 +75,11 @@ class LlamaConfig:
     mlp_bias: biases on the MLP projections.
     dtype: compute dtype ('float32' or 'bfloat16'); norms, softmax and
       logits stay in float32.
-    unroll: `lax.scan` unroll factor over layers (True: a Python-speed
-      unrolled stack, longer compile).
+    unroll: `lax.scan` unroll factor over layers (1 is fastest on CPU
+      too: unrolling copies the stacked weights per layer).
+    remat: rematerialise each block in the backward pass (memory for
+      compute when differentiating through the LM, e.g. training a
+      generator or a LoRA on long contexts).
   """
 
   vocab_size: int
@@ -96,9 +99,12 @@ class LlamaConfig:
   mlp_bias: bool = False
   dtype: str = 'float32'
   unroll: int | bool = 1
+  remat: bool = False
 
   def __post_init__(self):
-    if self.head_dim is None:  # stored explicitly, so equal configs compare equal
+    if (
+      self.head_dim is None
+    ):  # stored explicitly, so equal configs compare equal
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
@@ -537,12 +543,18 @@ def apply(
     jnp.arange(c.num_layers),
   )
 
+  def run_block(p, h, kv, lr):
+    return block.apply({'params': p}, h, cos, sin, allowed, kv, lr)
+
+  if c.remat:
+    run_block = jax.checkpoint(run_block)
+
   def body(carry, xs):
     h, ck, cv = carry
     p, lr_xs, i = xs
     lr = hook.fn(lr_xs, h, mask) if hook is not None else lr_xs
     kv = None if cache is None else (ck[i], cv[i], cache.index)
-    out, (k, v) = block.apply({'params': p}, h, cos, sin, allowed, kv, lr)
+    out, (k, v) = run_block(p, h, kv, lr)
     if cache is not None:
       ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
       cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)
