@@ -241,7 +241,7 @@ def read_safetensors(files) -> Iterator[tuple[str, np.ndarray]]:
   for path in files:
     # The flax backend reads bfloat16 (numpy's does not); keep it on CPU.
     with jax.default_device(cpu), safe_open(path, framework='flax') as f:
-      for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+      for name in f.keys():
         yield name, np.asarray(f.get_tensor(name), np.float32)
 
 
