@@ -11,4 +11,4 @@ when WORKDIR holds none. See tta_jax.runners.adapt.
 from tta_jax.runners import adapt, cli
 
 if __name__ == '__main__':
-  cli.main(adapt.run)
+  cli.main(adapt.run, check=adapt.validate_config)

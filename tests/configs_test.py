@@ -33,6 +33,11 @@ class ConfigsTest(parameterized.TestCase):
     config.lock()
     with self.assertRaises((AttributeError, KeyError)):
       config.no_such_field = 1
+    if config.get('runner') == 'lm':  # language-model configs: runners.lm
+      from tta_jax.runners import lm
+
+      self.assertNotEmpty(lm.validate_config(config))
+      return
     names = adapt.validate_config(config)
     self.assertNotEmpty(names)
     shape = INPUT_SHAPES.get(name, (28, 28, 1))

@@ -39,6 +39,7 @@ from tta_jax.data import sources, streams
 from tta_jax.runners import (
   artifacts,
   configs,
+  lm,
   pretrain,
   progress,
   report,
@@ -48,7 +49,12 @@ from tta_jax.runners import (
 
 
 def validate_config(config) -> list[str]:
-  """Checks the config before any work; returns the requested methods."""
+  """Checks the config before any work; returns the requested methods.
+
+  Language-model configs (`config.runner == 'lm'`) are `runners.lm`'s.
+  """
+  if config.get('runner') == 'lm':
+    return lm.validate_config(config)
   return configs.check(config)
 
 
@@ -246,8 +252,11 @@ def run(config, workdir) -> dict[str, Any]:
   For leave-one-domain-out benchmarks, every held-out domain gets its own
   source model, meta-training artifacts and checkpoints under
   `WORKDIR/dg/<domain>/`, and the results hold one entry per held-out
-  domain.
+  domain. Language-model configs (`config.runner == 'lm'`) run
+  `runners.lm.run`.
   """
+  if config.get('runner') == 'lm':
+    return lm.run(config, workdir)
   names = validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -122,8 +122,15 @@ def _check_workdir(workdir: str) -> None:
     raise NotADirectoryError(f'--workdir={workdir} is a file, not a folder')
 
 
-def main(run: Callable[[Any, str], Any]) -> None:
-  """Runs `run(config, workdir)` as an absl binary (see module docstring)."""
+def main(
+  run: Callable[[Any, str], Any],
+  check: Callable[[Any], list[str]] = configs.check,
+) -> None:
+  """Runs `run(config, workdir)` as an absl binary (see module docstring).
+
+  `check(config)` validates the config before any work and returns the
+  names of what will run.
+  """
   config_flags.DEFINE_config_file(
     'config',
     None,
@@ -169,7 +176,7 @@ def main(run: Callable[[Any, str], Any]) -> None:
       print(describe(FLAGS.config), flush=True)
     try:
       _check_workdir(FLAGS.workdir)
-      names = configs.check(FLAGS.config)
+      names = check(FLAGS.config)
     except USAGE_ERRORS as e:
       fail(str(e).splitlines()[0] if str(e) else repr(e))
     if FLAGS.dry_run:

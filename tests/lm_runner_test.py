@@ -1,0 +1,100 @@
+"""The LM runner end to end through the adapt binary, on a tiny GGUF model.
+
+`python -m experiments.adapt_main --config=configs/lm_smollm2.py:small`
+with the model swapped for a tiny random Llama written as a GGUF file, so
+the whole path (GGUF import, orbax cache, tasks, gensim text, methods,
+results files, resume) runs in seconds without SmolLM2.
+"""
+
+import json
+
+import pytest
+
+from tests import lm_fixtures
+from tta_jax.runners import lm
+
+
+def _run_main(workdir, **overrides):
+  """`python -m experiments.adapt_main --config=configs/lm_smollm2.py:small
+  --workdir=WORKDIR --config.KEY=VALUE...`, in this process."""
+  from experiments import adapt_main
+
+  flags = adapt_main.FLAGS
+  try:
+    flags([
+      'adapt_main',
+      '--config=configs/lm_smollm2.py:small',
+      f'--workdir={workdir}',
+    ])  # fmt: skip
+    for key, value in overrides.items():
+      *parents, leaf = key.split('.')
+      node = flags.config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    adapt_main.main(['adapt_main'])
+  finally:
+    flags.unparse_flags()
+
+
+def test_adapt_main_runs_the_lm_runner_and_resumes(tmp_path, monkeypatch):
+  model_path = tmp_path / 'tiny.gguf'
+  lm_fixtures.tiny_gguf(model_path)
+  workdir = tmp_path / 'work'
+  overrides = {
+    'model.source': str(model_path),
+    'model.cache_dir': str(tmp_path / 'cache'),
+    'text.corpus': 'lee',
+    'text.window': 32,
+    'chunk_tokens': 64,
+  }
+  _run_main(workdir, **overrides)
+  results = json.loads((workdir / 'results.json').read_text())
+  for suffix in ('md', 'csv', 'png'):
+    assert (workdir / f'results.{suffix}').stat().st_size > 0
+  assert results['qa_domains'] == ['facts', 'icl']
+  assert results['domains'] == ['facts', 'icl', 'wiki']
+  assert set(results['methods']) == {'no_context', 'prompting'}
+  for m in results['methods'].values():
+    for dom in results['qa_domains']:
+      d = m['domains'][dom]
+      assert d['error'] == pytest.approx(1 - d['exact_match'])
+      assert 0 <= d['f1'] <= 1 and d['n'] > 0 and d['tokens_per_second'] > 0
+    assert m['domains']['wiki']['perplexity'] > 1
+    assert m['mean_error'] == pytest.approx(
+      (m['domains']['facts']['error'] + m['domains']['icl']['error']) / 2
+    )
+  # A random model knows nothing; the context can still change the text.
+  ppl = {
+    n: m['domains']['wiki']['perplexity'] for n, m in results['methods'].items()
+  }
+  assert ppl['no_context'] != ppl['prompting']
+
+  # Finished methods are read back, not rerun.
+  def fail(*args, **kwargs):
+    raise AssertionError('a finished method was rerun')
+
+  monkeypatch.setattr(lm, 'run_qa', fail)
+  _run_main(workdir, **overrides)
+  assert (
+    json.loads((workdir / 'results.json').read_text())['methods']
+    == results['methods']
+  )
+  # A changed setting reruns.
+  with pytest.raises(AssertionError, match='rerun'):
+    _run_main(workdir, **overrides, max_new_tokens=3)
+
+
+def test_bad_method_and_task_names():
+  from configs import lm_smollm2
+
+  config = lm_smollm2.get_config('small')
+  config.methods = 'no_context,tent'
+  with pytest.raises(ValueError, match=r"unknown LM methods \['tent'\]"):
+    lm.validate_config(config)
+  config.methods = 'no_context'
+  config.prompt_format = 'poem'
+  with pytest.raises(
+    ValueError, match="prompt_format must be 'completion' or 'chat'"
+  ):
+    lm.validate_config(config)

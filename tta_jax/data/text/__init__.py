@@ -1,0 +1,1 @@
+"""Text for language models: gensim's real corpora and synthetic tasks."""
