@@ -709,3 +709,26 @@ def tpt_views(
     return image[None]
   views = jax.vmap(view)(jax.random.split(key, n_views - 1))
   return jnp.concatenate([image[None], views], axis=0)
+
+
+def affine_warp(
+  image: jax.Array,
+  *,
+  angle: jax.Array | float = 0.0,
+  scale: jax.Array | float = 1.0,
+  shift: jax.Array | tuple[float, float] = (0.0, 0.0),
+  fill: float = 0.0,
+) -> jax.Array:
+  """Rotates (degrees, counter-clockwise), scales and shifts (pixels, x then
+  y) one `[H, W, C]` image about its centre; bilinear, `fill` outside."""
+  h, w = image.shape[:2]
+  theta = jnp.deg2rad(angle)
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing='ij')
+  px = xx - cx - shift[0]
+  py = yy - cy - shift[1]
+  # Inverse map: source = R(-angle) (p - t) / scale (image y points down).
+  src_x = (cos * px - sin * py) / scale + cx
+  src_y = (sin * px + cos * py) / scale + cy
+  return _bilinear(image, src_y, src_x, fill=fill, mode='zeros')
