@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from tta_jax import models
-from tta_jax._src import augment, losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import augment, losses, params as params_lib
 from tta_jax.methods import tpt as tpt_lib
 from tta_jax.models import vlm
 

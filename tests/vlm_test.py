@@ -105,7 +105,9 @@ def test_pretrained_text_tower():
   assert table.shape == (30522, 384)
   tok = vlm.bert.minilm_tokenizer()
   ids = tok.words('a photo of a')
-  np.testing.assert_array_equal(loaded['params']['prompt']['ctx'], table[np.asarray(ids)])
+  np.testing.assert_array_equal(
+    loaded['params']['prompt']['ctx'], table[np.asarray(ids)]
+  )
   with pytest.raises(ValueError, match='default all-MiniLM'):
     vlm.load_pretrained_text(*_tiny())
 

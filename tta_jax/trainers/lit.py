@@ -200,7 +200,9 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
     raise ValueError(
       f'lit: text_init must be pretrained or keep: {hp.text_init!r}'
     )
-  classnames = list(hp.classnames)
+  # The class names the model's prompts hold (the builder's default if the
+  # model config names none).
+  classnames = list(ctx.model_config.get('classnames') or vlm.DIGIT_CLASSNAMES)
   if len(classnames) != ctx.num_classes:
     raise ValueError(
       f'lit: {len(classnames)} class names for {ctx.num_classes} classes'
