@@ -50,7 +50,7 @@ def lit_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     {
       'trainer': 'lit',
-      'steps': 1500,
+      'steps': 1000,
       'batch_size': 256,
       'learning_rate': 2e-3,
       'warmup_steps': 100,
