@@ -43,8 +43,8 @@ def _open_clip():
     import open_clip
   except Exception as e:  # torchvision built for another torch also fails
     pytest.skip(
-      f'open_clip unavailable ({type(e).__name__}: {e}); pip install '
-      'open-clip-torch with a torchvision matching torch'
+      f'open_clip unavailable ({type(e).__name__}: {e}); pip install -e '
+      "'.[clip]' (open_clip with a torchvision built for the torch)"
     )
   return open_clip
 
