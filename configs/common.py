@@ -137,6 +137,25 @@ def method_configs(*, imagenet: bool = False):
       # affine + classifier per batch, stateless; needs its meta-trained
       # generator (meta_train_main, see configs/generalizeformer_dg.py).
       'generalizeformer': {'generate': 'both', 'accumulate': False},
+      # TPT: per image, 63 random resized crops + the image, the 10 % most
+      # confident views, one AdamW step (lr 5e-3, torch's weight decay
+      # 0.01) on the prompt context; needs a vision-language model (see
+      # configs/vlm_digits.py).
+      'tpt': {
+        'optimizer': {
+          'name': 'adamw',
+          'learning_rate': 5e-3,
+          'b1': 0.9,
+          'b2': 0.999,
+          'eps': 1e-8,
+          'weight_decay': 0.01,
+        },
+        'n_views': 64,
+        'selection_ratio': 0.1,
+        'steps': 1,
+        'flip': True,
+        'crop_scale': (0.08, 1.0),
+      },
     }
   )
 

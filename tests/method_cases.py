@@ -145,4 +145,21 @@ CASES = [
     generalizeformer.generation_mask(),
     meta=lambda _, v: _gf_meta(v, GF_SPLIT, output_scale=0.05),
   ),
+  # TPT is episodic per image. The tiny net has no prompt context, so the
+  # contract runs its episodes on the BN affine parameters.
+  Case(
+    'tpt',
+    {
+      'optimizer': {
+        'name': 'adamw',
+        'learning_rate': 5e-3,
+        'weight_decay': 0.01,
+      },
+      'adapt': 'bn_affine',
+      'n_views': 4,
+      'flip': False,
+    },
+    params_lib.no_params,
+    moves=False,
+  ),
 ]

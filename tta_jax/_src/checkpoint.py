@@ -232,8 +232,15 @@ def model_metadata(model_config, input_shape, num_classes: int) -> dict:
 
 
 def _normal(x):
-  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare."""
-  return json.loads(json.dumps(x.to_dict() if hasattr(x, 'to_dict') else x))
+  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare;
+  ConfigDicts nested in plain dicts are plain dicts too."""
+  return json.loads(json.dumps(x, default=_config_to_dict))
+
+
+def _config_to_dict(o):
+  if hasattr(o, 'to_dict'):
+    return o.to_dict()
+  raise TypeError(f'{type(o).__name__} in a model config is not JSON data')
 
 
 def check_metadata(found: dict, expected: dict, where) -> None:

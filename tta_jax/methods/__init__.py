@@ -27,6 +27,7 @@ from tta_jax.methods import (
   source,
   t3a,
   tent,
+  tpt,
 )
 
 METHODS: dict[str, Callable[..., base.Adapter]] = {
@@ -43,6 +44,7 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'rotta': rotta.rotta,
   'meta_ttt': meta_ttt.meta_ttt,
   'generalizeformer': generalizeformer.generalizeformer,
+  'tpt': tpt.tpt,
 }
 
 # Factory arguments that take a parameter mask; configs give them as specs.

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tta_jax.models import vlm
 from tta_jax.models.vision import cifar, digits, layers, resnet
 from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode, mixed_bn
 from tta_jax.models.wrap import WrappedModel, wrap
@@ -55,6 +56,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   'wide_resnet28_10': lambda **kw: cifar.WideResNet(28, 10, **kw),
   'resnet18': resnet.ResNet18,
   'resnet50': resnet.ResNet50,
+  # CLIP-style dual encoders as zero-shot / CoOp classifiers.
+  'vlm_digits': vlm.digits_classifier,
+  'vlm_clip': vlm.clip_classifier,
 }
 
 

@@ -252,6 +252,31 @@ def load_trained(workdir, name: str, apply_fn, variables, benchmark):
   return apply_fn, variables, meta
 
 
+def fit_variables(template, variables, name: str):
+  """`variables` restricted to `template`'s paths, shapes checked."""
+  from flax import traverse_util
+
+  out = {}
+  for collection, tree in template.items():
+    want = traverse_util.flatten_dict(dict(tree))
+    have = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+    missing = sorted('/'.join(k) for k in want.keys() - have.keys())
+    wrong = sorted(
+      '/'.join(k)
+      for k in want.keys() & have.keys()
+      if tuple(want[k].shape) != tuple(have[k].shape)
+    )
+    if missing or wrong:
+      raise ValueError(
+        f'{name}: the model variant needs {collection} the source model '
+        f'lacks (missing {missing[:4]}, other shapes {wrong[:4]})'
+      )
+    out[collection] = (
+      traverse_util.unflatten_dict({k: have[k] for k in want}) if want else {}
+    )
+  return out
+
+
 def trainer_settings(config, name: str, method_kwargs: dict) -> dict:
   """What a method's training depends on, as plain JSON data."""
   return configs.jsonable(

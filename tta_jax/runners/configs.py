@@ -18,7 +18,7 @@ from tta_jax.data import benchmarks, streams
 
 PARALLEL = ('', 'domains', 'seeds')
 # Keys of `config.method_configs.<name>` the runner reads (not the factory).
-RUNNER_KEYS = ('method', 'meta_from')
+RUNNER_KEYS = ('method', 'meta_from', 'model')
 
 
 def _names(text: str) -> list[str]:
@@ -107,6 +107,23 @@ def artifacts_owner(config, name: str) -> str | None:
   if meta_from:
     return meta_from
   return name if name in trained_names(config) else None
+
+
+def model_config(config, name: str) -> dict[str, Any]:
+  """The model method `name` runs on: `config.model`, updated by its
+  `method_configs.<name>.model` (e.g. the dual encoder with the prompt
+  ensemble instead of the context, on the same trained weights)."""
+  out = config.model.to_dict()
+  override = config.method_configs[name].get('model')
+  if override:
+    override = dict(override)
+    if 'name' in override and override['name'] != out['name']:
+      raise ValueError(
+        f'method_configs.{name}.model may change model settings, not the '
+        f'model ({override["name"]!r} vs {out["name"]!r})'
+      )
+    out.update(override)
+  return out
 
 
 def seeds_of(config) -> list[int]:
