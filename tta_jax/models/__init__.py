@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tta_jax.models.vision import cifar, digits, layers, resnet
+from tta_jax.models.vision import cifar, digits, layers, resnet, vit
 from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode
 
 __all__ = [
@@ -45,6 +45,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   'wide_resnet28_10': lambda **kw: cifar.WideResNet(28, 10, **kw),
   'resnet18': resnet.ResNet18,
   'resnet50': resnet.ResNet50,
+  # A small ViT for the 28x28 digits (7x7 patches of 4, LayerNorm only).
+  'digits_vit': lambda **kw: vit.ViT(
+    **{'patch_size': 4, 'width': 64, 'depth': 4, 'num_heads': 4, **kw}
+  ),
+  # timm's vit_base_patch16_224 (convert its weights with convert.py).
+  'vit_base_patch16_224': lambda **kw: vit.ViT(
+    **{
+      'patch_size': 16,
+      'width': 768,
+      'depth': 12,
+      'num_heads': 12,
+      'mean': (0.5,) * 3,
+      'std': (0.5,) * 3,
+      **kw,
+    }
+  ),
 }
 
 
