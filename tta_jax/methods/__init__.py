@@ -21,6 +21,7 @@ from tta_jax.methods import (
   lame,
   memo,
   meta_ttt,
+  mgg,
   norm,
   rotta,
   sar,
@@ -43,6 +44,7 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'rotta': rotta.rotta,
   'meta_ttt': meta_ttt.meta_ttt,
   'generalizeformer': generalizeformer.generalizeformer,
+  'mgg': mgg.mgg,
 }
 
 # Method name -> meta-trainer (`MetaTrainContext -> MetaTrainResult`, see
