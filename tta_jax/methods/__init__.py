@@ -16,6 +16,7 @@ import optax
 from tta_jax._src import base, params as params_lib
 from tta_jax.methods import (
   cotta,
+  deyo,
   eata,
   generalizeformer,
   lame,
@@ -45,6 +46,7 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'meta_ttt': meta_ttt.meta_ttt,
   'generalizeformer': generalizeformer.generalizeformer,
   'mgg': mgg.mgg,
+  'deyo': deyo.deyo,
 }
 
 # Method name -> meta-trainer (`MetaTrainContext -> MetaTrainResult`, see
