@@ -106,8 +106,8 @@ def get_config(arg=None):
     add_mgg_variant(
       config, 'mgg_parity', {}, {'reset_params_each_epoch': False}
     )
-    add_mgg_variant(config, 'mgg_lr5e-3', {'learning_rate': 5e-3})
-    config.method_configs['mgg_lr5e-3'].meta_from = 'mgg'
+    add_mgg_variant(config, 'mgg_alpha_0p005', {'learning_rate': 5e-3})
+    config.method_configs['mgg_alpha_0p005'].meta_from = 'mgg'
     config.methods += ',deyo'
   if arg.small:
     config.data.corruptions = ('gaussian_noise', 'defocus_blur')
