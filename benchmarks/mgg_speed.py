@@ -28,7 +28,7 @@ from tta_jax import methods, models
 from tta_jax._src import params as params_lib
 from tta_jax.data import benchmarks
 from tta_jax.methods import mgg
-from tta_jax.runners import adapt, common, meta_train
+from tta_jax.runners import artifacts, configs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file.')
@@ -75,23 +75,23 @@ def main(argv):
   del argv
   config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir)
   benchmark = benchmarks.build(config.data, config.setting)
-  module, apply_fn = common.build_model(config.model, benchmark)
-  variables, _ = common.load_source(
-    config, workdir, benchmark, module, pretrain_if_missing=False
-  )
+  module, apply_fn = artifacts.build_model(config.model, benchmark)
+  variables, _ = artifacts.load_source(config, workdir, benchmark, module)
   domain = benchmark.domains[0]
   batch = {'image': domain.source[np.arange(config.batch_size)]['image']}
   curves = workdir / 'mgg_curves.json'
   reach = json.loads(curves.read_text()) if curves.exists() else None
   rows = []
   for name in FLAGS.methods:
-    kwargs = adapt.method_kwargs(config, name)
     adapter = methods.from_config(
-      adapt.factory_name(config, name), kwargs, apply_fn
+      configs.resolve(config, name, methods.METHODS),
+      configs.method_kwargs(config, name),
+      apply_fn,
     )
+    owner = configs.artifacts_owner(config, name)
     meta = (
-      meta_train.load_meta(workdir / 'meta' / name)
-      if adapt.factory_name(config, name) == 'mgg'
+      artifacts.load_meta(artifacts.trained_dir(workdir, owner))
+      if owner
       else None
     )
     state = adapter.init(variables, jax.random.key(0))

@@ -26,7 +26,7 @@ does not depend on their content, except through those filters.
 
 `--devices N` sets XLA's host-platform device count before JAX starts (CPU)
 and, for N > 1, adds a column with the batch sharded over the N devices
-(state replicated, as `runners.adapt.run_streams(shard_batch=True)` does).
+(state replicated, as `runners.streams.run_streams(shard_batch=True)` does).
 Methods that take meta-parameters get randomly initialised ones from their
 module's `init_meta(...)` if it has one; methods whose step cannot run
 without them are skipped with a note. Other columns: forward/backward passes
@@ -428,7 +428,7 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
   import jax
   import numpy as np
 
-  from tta_jax import methods
+  from tta_jax import methods, trainers
 
   factory, config, notes = _method_config(name, all_configs)
   adapter = methods.from_config(
@@ -470,7 +470,7 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
       jitted, state, device_batch, device_meta
     )
   except Exception as e:
-    learns_first = factory in methods.META_TRAINERS
+    learns_first = factory in trainers.TRAINERS
     if has_init_meta or not (learns_first or 'meta' in str(e).lower()):
       raise
     first_line = str(e).strip().splitlines()[0][:160]
@@ -555,7 +555,8 @@ def _torch_step(name, setup, config, batch_size):
       margin=e0,
       rho=config['rho'],
       reset_constant=config['reset_constant'],
-      clear_ema_on_reset=True,  # as ours (and MD); costs the same
+      # As ours (and Marsden & Doebler's benchmark code); costs the same.
+      clear_ema_on_reset=True,
     )
     step = method.step
   else:

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from tta_jax.data import corruptions
+from tta_jax.data import benchmarks, corruptions
 
 # The 15 ImageNet-C corruption families, in the standard order.
 CORRUPTIONS = corruptions.CORRUPTIONS
@@ -47,7 +47,8 @@ def method_configs(*, imagenet: bool = False):
   return ml_collections.ConfigDict(
     {
       'source': {},
-      # Nado et al.: test-batch statistics only (MD's BN-1).
+      # Nado et al.: test-batch statistics only (BN-1 of MD, Marsden &
+      # Doebler's test-time-adaptation benchmark code).
       'norm': {'source_weight': 0.0},
       # Schneider et al.: source statistics as a prior of strength N.
       'norm_prior': {'method': 'norm', 'prior_strength': 16.0},
@@ -135,6 +136,24 @@ def method_configs(*, imagenet: bool = False):
       # affine + classifier per batch, stateless; needs its meta-trained
       # generator (meta_train_main, see configs/generalizeformer_dg.py).
       'generalizeformer': {'generate': 'both', 'accumulate': False},
+      # MGG (MGTTA): FOA's loss (lambda 0.4) refined by the pre-trained
+      # gradient generator, alpha 1e-3 (run.sh); needs its pre-training
+      # (meta_train_main, see configs/mgg_digits.py). 'block_cls' is the
+      # ViTs' per-block CLS features; BN convnets name their stages.
+      'mgg': {
+        'learning_rate': 1e-3,
+        'fitness_lambda': 0.4,
+        'features': ('block_cls',),
+      },
+      # DeYO (official defaults): tau_Ent 0.5 ln K, Ent_0 0.4 ln K, PLPD
+      # threshold 0.2, 4x4 patch shuffle.
+      'deyo': {
+        'optimizer': dict(tent_opt),
+        'margin': 0.5,
+        'margin_e0': 0.4,
+        'plpd_threshold': 0.2,
+        'patch_len': 4,
+      },
     }
   )
 
@@ -213,14 +232,12 @@ def validation_stream(config: ml_collections.ConfigDict) -> None:
 
   The stream becomes the four held-out corruptions of Hendrycks &
   Dietterich (`VALIDATION_CORRUPTIONS`, severity 5) applied to the
-  source-val digits: neither the test digits nor the 15 test corruptions
-  (nor the UCI digits) are seen. Results go to `WORKDIR/validation.*`, so
-  the test results in the same WORKDIR are kept.
+  source-val digits (`benchmarks.use_validation_shifts`): neither the test
+  digits nor the 15 test corruptions (nor the UCI digits) are seen. Results
+  go to `WORKDIR/validation.*`, so the test results in the same WORKDIR
+  are kept.
   """
-  config.data.corruptions = corruptions.VALIDATION_CORRUPTIONS
-  config.data.severity = 5
-  config.data.target_split = 'val'
-  config.data.natural_shift = False
+  benchmarks.use_validation_shifts(config.data)
   config.results_name = 'validation'
 
 

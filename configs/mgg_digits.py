@@ -80,20 +80,7 @@ def get_config(arg=None):
   config.methods = 'source,norm,tent,sar,mgg'
   config.meta_methods = 'mgg'
   config.meta_train.mgg = trainer_config()
-  config.method_configs.mgg = {
-    'learning_rate': 1e-3,  # alpha at test (run.sh)
-    'fitness_lambda': 0.4,
-    'features': FEATURES[arg.model],
-  }
-  # DeYO (official defaults: tau_Ent 0.5 ln K, Ent_0 0.4 ln K, PLPD 0.2,
-  # 4x4 patch shuffle), with the digits' Tent optimizer.
-  config.method_configs.deyo = {
-    'optimizer': dict(config.method_configs.tent.optimizer),
-    'margin': 0.5,
-    'margin_e0': 0.4,
-    'plpd_threshold': 0.2,
-    'patch_len': 4,
-  }
+  config.method_configs.mgg.features = FEATURES[arg.model]
   if arg.model == 'vit':
     config.model = ml_collections.ConfigDict({'name': 'digits_vit'})
     config.pretrain.epochs = 40  # a ViT from scratch needs longer

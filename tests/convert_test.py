@@ -238,7 +238,7 @@ def test_main_end_to_end(tmp_path):
   assert metadata['converted_from']['sha256'] == digest
 
   # What the runner does with config.source_ckpt=out and this config.model.
-  from tta_jax.runners import common
+  from tta_jax.runners import artifacts
 
   config = ml_collections.ConfigDict(
     {'model': model_config, 'source_ckpt': str(out)}
@@ -246,10 +246,8 @@ def test_main_end_to_end(tmp_path):
   benchmark = types.SimpleNamespace(
     input_shape=(32, 32, 3), num_classes=10, source_train=None
   )
-  module, _ = common.build_model(config.model, benchmark)
-  variables, _ = common.load_source(
-    config, tmp_path, benchmark, module, pretrain_if_missing=False
-  )
+  module, _ = artifacts.build_model(config.model, benchmark)
+  variables, _ = artifacts.load_source(config, tmp_path, benchmark, module)
   expected = convert.from_torch_state_dict(
     'resnet26', _state_dict(ref_model), num_classes=10
   )

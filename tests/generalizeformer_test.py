@@ -14,12 +14,12 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import generalizeformer_dg, generalizeformer_pacs
-from tta_jax import models
-from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import checkpoint, losses, params as params_lib
 from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.models.generators import generalizeformer as generator_lib
-from tta_jax.runners import adapt, meta_train, report
+from tta_jax.runners import adapt, artifacts, report, train
 
 # A one-layer, 16-wide generator over 8-wide tokens (the tiny net's BN
 # layers are 4, 4, 8 and 16 wide; its classifier rows 16).
@@ -206,7 +206,7 @@ class AdapterTest(absltest.TestCase):
     np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
     self.assertEqual(float(out.metrics['delta_norm']), 0.0)
     self.assertTrue(test_utils.trees_equal(state1.params, variables['params']))
-    # One valid row: source statistics (spec A.9-10).
+    # One valid row (no batch variance): source statistics.
     one = test_utils.fake_batch(1, 4, labels=False, mask=[1, 0, 0, 0])
     _, out = step(state, one, meta=phi)
     source = apply_fn(
@@ -366,7 +366,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(config.methods, 'source,norm,tent,t3a,generalizeformer')
     config.methods = 'norm,generalizeformer'  # the others: compile time
     workdir = pathlib.Path(tempfile.mkdtemp())
-    meta_train.run(config, workdir)
+    train.run(config, workdir)
     held = workdir / 'dg' / 'rot75'
     metadata = json.loads(
       (held / 'meta' / 'generalizeformer' / 'metadata.json').read_text()
@@ -374,7 +374,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertBetween(metadata['metrics']['val_accuracy'], 0.0, 1.0)
     # One meta-source backbone per source domain, trained without it.
     self.assertLen(list((workdir / 'meta_backbones').iterdir()), 2)
-    phi = meta_train.load_meta(held / 'meta' / 'generalizeformer')
+    phi = artifacts.load_meta(held / 'meta' / 'generalizeformer')
     self.assertIn('generator', phi)
     adapt.run(config, workdir)
     results = json.loads((workdir / 'results.json').read_text())
@@ -416,7 +416,7 @@ class EndToEndTest(absltest.TestCase):
     config.pretrain.init_ckpt = str(init)
     config.methods = 'source,generalizeformer'
     workdir = root / 'work'
-    meta_train.run(config, workdir)
+    train.run(config, workdir)
     self.assertLen(list((workdir / 'meta_backbones').iterdir()), 3)
     adapt.run(config, workdir)
     results = json.loads((workdir / 'results.json').read_text())
@@ -521,7 +521,7 @@ class ConfigTest(absltest.TestCase):
       json.dumps({'metrics': {'val_accuracy': 1.0}})
     )
     self.assertEqual(
-      meta_train.validation_accuracies(config, workdir),
+      train.validation_accuracies(config, workdir),
       {
         'generalizeformer': {'rot75': 0.8},
         'generalizeformer_lr3x': {'rot75': 0.7},

@@ -10,8 +10,8 @@ from absl.testing import absltest
 from sklearn.datasets import load_digits
 
 import tta_jax as tj
-from tta_jax import methods, models
-from tta_jax._src import meta as meta_lib, test_utils
+from tta_jax import methods, models, testing as test_utils
+from tta_jax._src import meta as meta_lib
 
 
 def _tent_sgd(apply_fn):

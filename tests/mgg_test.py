@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from tta_jax import models
-from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import checkpoint, losses, params as params_lib
 from tta_jax.data import sources
 from tta_jax.methods import mgg
 from tta_jax.models.generators import gradient_memory as gm

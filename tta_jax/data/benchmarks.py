@@ -412,6 +412,33 @@ BENCHMARKS = {
 }
 
 
+def use_validation_shifts(data_config) -> None:
+  """Turns a corrupted-digits data config into its validation stream.
+
+  The four held-out corruptions of Hendrycks & Dietterich
+  (`corruptions.VALIDATION_CORRUPTIONS`, severity 5) applied to the
+  source-val digits: neither the test digits nor the 15 test corruptions
+  (nor the UCI digits) are seen, so hyperparameters selected on it (and
+  trainers that learn from shifted data) never see the test stream.
+  """
+  if data_config['name'] != 'digits_corrupted':
+    raise ValueError(
+      f'a validation stream is defined for digits_corrupted only, not '
+      f'{data_config["name"]!r}'
+    )
+  data_config.corruptions = _corruptions().VALIDATION_CORRUPTIONS
+  data_config.severity = 5
+  data_config.target_split = 'val'
+  data_config.natural_shift = False
+
+
+def validation_domains(data_config) -> list[sources.Domain]:
+  """The validation stream's labelled domains (`use_validation_shifts`)."""
+  config = data_config.copy_and_resolve_references()
+  use_validation_shifts(config)
+  return build(config, 'continual').domains
+
+
 def _check_target_split(data_config) -> None:
   """`data.target_split='val'` (a validation stream) exists for the
   corrupted digits only; elsewhere it is refused, not ignored."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax._src import base, grad_step, losses, params as params_lib
 
 
 def patch_shuffle(images: jax.Array, patch_len: int, rng: jax.Array):
@@ -87,45 +87,32 @@ def deyo(
     raise ValueError(f'deyo: patch_len must be >= 1, got {patch_len}')
 
   def init_fn(variables, rng):
-    trainable, _ = params_lib.split_by(
-      adapt, variables['params'], variables['batch_stats'], who='deyo'
-    )
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optimizer.init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    return grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='deyo'
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    parts = grad_step.split(state, adapt, meta)
     valid = losses.batch_mask(batch)
     shuffled = patch_shuffle(
       batch['image'], patch_len, jax.random.fold_in(state.rng, state.step)
     )
 
-    def forward(trainable, images, mask):
-      return apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        images,
-        use_batch_stats=True,
-        mask=mask,
-      ).logits
-
-    def loss_fn(trainable):
-      logits = forward(trainable, batch['image'], batch.get('mask'))
+    def loss_fn(params):
+      logits = grad_step.batch_forward(apply_fn, params, state, batch).logits
       entropy = losses.softmax_entropy(logits)
       log_k = math.log(logits.shape[-1])
       ent = jax.lax.stop_gradient(entropy)
       reliable = valid & (ent < margin * log_k) if filter_ent else valid
       # x' forward on the reliable rows only (their BN statistics).
-      logits_x = forward(jax.lax.stop_gradient(trainable), shuffled, reliable)
+      logits_x = apply_fn(
+        jax.lax.stop_gradient(params),
+        state.batch_stats,
+        shuffled,
+        use_batch_stats=True,
+        mask=reliable,
+      ).logits
       prob = jax.nn.softmax(jax.lax.stop_gradient(logits), -1)
       prob_x = jax.nn.softmax(jax.lax.stop_gradient(logits_x), -1)
       y_hat = jnp.argmax(prob, -1)[:, None]
@@ -141,20 +128,13 @@ def deyo(
       loss = losses.masked_mean(entropy * coeff, selected)
       return loss, (logits, reliable, selected)
 
-    grad_fn = meta_lib.inner_value_and_grad(
-      loss_fn, has_aux=True, first_order=first_order
+    out = grad_step.masked_grad_step(
+      loss_fn, parts, optimizer, has_aux=True, first_order=first_order
     )
-    (loss, (logits, reliable, selected)), grads = grad_fn(trainable)
-    updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    any_selected = jnp.any(selected)
-    keep = lambda new, old: jax.tree.map(
-      lambda a, b: jnp.where(any_selected, a, b), new, old
-    )
-    new_state = state._replace(
-      params=params_lib.merge(keep(new_trainable, trainable), frozen),
-      opt_state=keep(new_opt_state, opt_state),
-      step=state.step + 1,
+    loss, (logits, reliable, selected) = out.value
+    # No selected sample: no optimizer step at all (momentum included).
+    new_state = grad_step.commit(
+      state, parts, out.trainable, out.opt_state, keep=jnp.any(selected)
     )
     metrics = {
       'loss': loss,

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax._src import base, grad_step, losses, params as params_lib
 from tta_jax.models.generators import gradient_memory as gm
 
 # LayerNorm affines (`norm1`, `norm`, flax's `LayerNorm_0`) and BN affines.
@@ -268,32 +268,20 @@ def mgg(
   kwargs = dict(generator=generator, hidden=hidden, b1=b1, b2=b2, eps=eps)
 
   def init_fn(variables, rng):
-    trainable, _ = params_lib.split_by(
-      adapt, variables['params'], variables['batch_stats'], who='mgg'
-    )
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=mgg_optimizer(None, learning_rate, **kwargs).init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    tx = mgg_optimizer(None, learning_rate, **kwargs)  # phi: at step time
+    return grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=tx, who='mgg'
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
+    if meta is None:
+      check_meta(meta, expected_phi, 0)
+    parts = grad_step.split(state, adapt)
     mask = batch.get('mask')
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
 
-    def loss_fn(trainable):
-      out = apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        batch['image'],
-        use_batch_stats=True,
-        mask=mask,
-      )
+    def loss_fn(params):
+      out = grad_step.batch_forward(apply_fn, params, state, batch)
       feats = feature_vector(out.features, features)
       check_meta(meta, expected_phi, feats.shape[-1])
       entropy = losses.masked_mean(losses.softmax_entropy(out.logits), mask)
@@ -302,19 +290,14 @@ def mgg(
       )
       return entropy + fitness_lambda * disc, (out.logits, entropy, disc)
 
-    if meta is None:
-      check_meta(meta, expected_phi, 0)
-    grad_fn = meta_lib.inner_value_and_grad(
-      loss_fn, has_aux=True, first_order=first_order
-    )
-    (loss, (logits, entropy, disc)), grads = grad_fn(trainable)
+    (loss, (logits, entropy, disc)), grads = grad_step.value_and_grad(
+      loss_fn, parts, has_aux=True, first_order=first_order
+    )(parts.trainable)
     tx = mgg_optimizer(meta['phi'], learning_rate, **kwargs)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    new_state = state._replace(
-      params=params_lib.merge(optax.apply_updates(trainable, updates), frozen),
-      opt_state=opt_state,
-      step=state.step + 1,
+    trainable, opt_state = grad_step.update(
+      tx, grads, parts.opt_state, parts.trainable
     )
+    new_state = grad_step.commit(state, parts, trainable, opt_state)
     metrics = {
       'loss': loss,
       'entropy': entropy,
