@@ -16,7 +16,10 @@ LayerNorms); the default is the digits CNN (every BN affine). `:analyses`
 adds the paper's analyses as variants (`experiments.mgg_analyses` turns
 them into tables and the update-count plot): pre-training on 32 / 512
 images, the memory-layer ablation (an MLP of the same width), alpha at
-test 5e-3 beside 1e-3, and DeYO. `:small` shrinks everything for tests.
+test 5e-3 beside 1e-3, and DeYO. `:sweep` adds MGG at other alphas (the
+same pre-trained MGG) and Tent / SAR at other learning rates, to select on
+the validation stream (`:sweep,validation=true`). `:small` shrinks
+everything for tests.
 """
 
 import ml_collections
@@ -29,6 +32,17 @@ FEATURES = {
   'cnn': ('stage1', 'stage2', 'stage3'),  # pooled stage outputs
   'vit': ('block_cls',),  # each block's normalised CLS token (MGTTA)
 }
+
+
+# Selected on the validation stream (`:sweep,validation=true`): MGG's alpha at
+# test, and Tent's / SAR's Adam learning rate, beside the paper's defaults.
+ALPHAS = (1e-3, 5e-3, 1e-2, 3e-2)
+LRS = (1e-3, 5e-3, 1e-2)
+
+
+def _tag(x: float) -> str:
+  """0.005 -> '0p005' (config field names cannot hold dots)."""
+  return f'{x:g}'.replace('.', 'p')
 
 
 def trainer_config(**overrides) -> ml_collections.ConfigDict:
@@ -70,7 +84,12 @@ def add_mgg_variant(config, name, method=None, trainer=None) -> None:
 
 def get_config(arg=None):
   arg = common.parse_arg(
-    arg, small=False, model='cnn', analyses=False, validation=False
+    arg,
+    small=False,
+    model='cnn',
+    analyses=False,
+    sweep=False,
+    validation=False,
   )
   if arg.model not in FEATURES:
     raise ValueError(f'model must be one of {sorted(FEATURES)}: {arg.model!r}')
@@ -93,9 +112,26 @@ def get_config(arg=None):
     add_mgg_variant(
       config, 'mgg_parity', {}, {'reset_params_each_epoch': False}
     )
-    add_mgg_variant(config, 'mgg_alpha_0p005', {'learning_rate': 5e-3})
-    config.method_configs['mgg_alpha_0p005'].meta_from = 'mgg'
+    add_mgg_variant(
+      config, 'mgg_alpha_0p005', {'learning_rate': 5e-3, 'meta_from': 'mgg'}
+    )
     config.methods += ',deyo'
+  if arg.sweep:  # the same pre-trained MGG at other alphas; Tent/SAR lrs
+    for a in ALPHAS:
+      name = f'mgg_alpha_{_tag(a)}'
+      if name not in config.method_configs:
+        add_mgg_variant(config, name, {'learning_rate': a, 'meta_from': 'mgg'})
+    for lr in LRS:
+      for base in ('tent', 'sar'):
+        config.method_configs[f'{base}_lr_{_tag(lr)}'] = {
+          **config.method_configs[base].to_dict(),
+          'method': base,
+          'optimizer': {
+            **config.method_configs[base].optimizer,
+            'learning_rate': lr,
+          },
+        }
+        config.methods += f',{base}_lr_{_tag(lr)}'
   if arg.small:
     config.data.corruptions = ('gaussian_noise', 'defocus_blur')
     config.data.natural_shift = False
