@@ -20,6 +20,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -45,7 +46,8 @@ def _floats(tree) -> int:
 def time_step(adapter, variables, batch, meta, repeats: int) -> float:
   """Median milliseconds of one jitted, donated step."""
   step = jax.jit(adapter.step, donate_argnums=(0,))
-  state = adapter.init(variables, jax.random.key(0))
+  # A private copy: donation must not delete the source variables.
+  state = jax.tree.map(jnp.copy, adapter.init(variables, jax.random.key(0)))
   state, out = step(state, batch, meta=meta)  # compile
   jax.block_until_ready(out.logits)
   times = []

@@ -14,9 +14,10 @@ Steps:
           updates taken), MGG vs SAR vs Tent, reset per domain, every seed:
           WORKDIR/mgg_curves.{json,png}, and the updates each method needs
           to reach SAR's final error.
-  report  the ablation table (data size, memory layer, alpha, pre-training
-          mode) from results.json and the pre-training metadata, as
-          markdown: WORKDIR/mgg_analyses.md.
+  report  markdown tables of WORKDIR/results.json and, if present,
+          WORKDIR/ablations.json (the variants run with
+          `--config.results_name=ablations`), with each MGG's pre-training
+          validation accuracy: WORKDIR/mgg_analyses.md.
 """
 
 import json
@@ -107,36 +108,48 @@ def write_curves(workdir: pathlib.Path, data: dict) -> dict:
   return summary
 
 
-def report(config, workdir: pathlib.Path) -> str:
-  results = json.loads((workdir / 'results.json').read_text())['methods']
+def _table(config, workdir: pathlib.Path, results_name: str) -> list[str]:
+  path = workdir / f'{results_name}.json'
+  if not path.exists():
+    return []
+  results = json.loads(path.read_text())['methods']
   lines = [
-    '| method | mean error (%) | std over seeds | pre-training val acc |',
-    '|---|---:|---:|---:|',
+    f'{results_name}.json:',
+    '',
+    '| method | mean error (%) | std over seeds | seeds | pre-training '
+    'val acc (%) |',
+    '|---|---:|---:|---:|---:|',
   ]
-  for name in [n for n in config.methods.split(',') if n]:
-    if name not in results:
-      continue
-    r = results[name]
-    meta = artifacts.trained_dir(workdir, name) / 'metadata.json'
+  for name, r in results.items():
+    owner = configs.artifacts_owner(config, name)
+    meta = artifacts.trained_dir(workdir, owner or name) / 'metadata.json'
     acc = (
       json.loads(meta.read_text())['metrics'].get('val_accuracy')
-      if meta.exists()
+      if owner and meta.exists()
       else None
     )
     lines.append(
       f'| {name} | {100 * r["mean_error"]:.2f} | '
       f'{100 * r.get("mean_error_std", float("nan")):.2f} | '
+      f'{r.get("num_seeds", 1)} | '
       f'{"" if acc is None else f"{100 * acc:.2f}"} |'
     )
+  return [*lines, '']
+
+
+def report(config, workdir: pathlib.Path) -> str:
+  """Markdown tables of results.json and ablations.json, and the updates."""
+  lines = _table(config, workdir, 'results') + _table(
+    config, workdir, 'ablations'
+  )
   curves_path = workdir / 'mgg_curves.json'
   if curves_path.exists():
     c = json.loads(curves_path.read_text())
-    lines += [
-      '',
+    lines.append(
       f"Updates to reach SAR's final error ({100 * c['sar_final_error']:.2f}"
       f' %, {SMOOTH}-batch mean): '
-      + ', '.join(f'{n}: {k}' for n, k in c['updates'].items()),
-    ]
+      + ', '.join(f'{n}: {k}' for n, k in c['updates'].items())
+    )
   text = '\n'.join(lines)
   (workdir / 'mgg_analyses.md').write_text(text + '\n')
   return text
