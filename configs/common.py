@@ -2,7 +2,8 @@
 
 import ml_collections
 
-from tta_jax.data import benchmarks, corruptions
+from tta_jax.data import benchmarks
+from tta_jax.data.images import corruptions
 
 # The 15 ImageNet-C corruption families, in the standard order.
 CORRUPTIONS = corruptions.CORRUPTIONS

@@ -45,7 +45,8 @@ from ml_collections import config_flags
 from configs import generalizeformer_dg as gf_config
 from tta_jax import methods
 from tta_jax._src import params as params_lib
-from tta_jax.data import benchmarks, corruptions, sources
+from tta_jax.data import benchmarks, sources
+from tta_jax.data.images import corruptions
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.runners import (
   adapt,

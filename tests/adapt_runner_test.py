@@ -11,7 +11,8 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import default
-from tta_jax.data import benchmarks, corruptions, digits, sources, streams
+from tta_jax.data import benchmarks, sources, streams
+from tta_jax.data.images import corruptions, digits
 from tta_jax.runners import adapt, pretrain
 
 _SOURCE: dict[str, str] = {}

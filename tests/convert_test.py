@@ -1,10 +1,10 @@
 """PyTorch -> tta_jax conversion: logits parity, strictness, the binary.
 
-Reference architectures (`tests/torch_models.py`) get random weights AND
-random BN running statistics; converted, our models must give the same
-logits in eval mode (source statistics) and in train-mode BN (statistics of
-the batch). All on 32x32 inputs, so the originals' 8x8 average pooling is
-our global mean.
+Reference architectures (`tta_jax.torch_reference.models`) get random
+weights AND random BN running statistics; converted, our models must give
+the same logits in eval mode (source statistics) and in train-mode BN
+(statistics of the batch). All on 32x32 inputs, so the originals' 8x8
+average pooling is our global mean.
 """
 
 import hashlib
@@ -22,7 +22,7 @@ from tta_jax._src import checkpoint
 from tta_jax.models.vision import convert
 
 torch = pytest.importorskip('torch')
-from tests import torch_models as tm  # noqa: E402
+from tta_jax.torch_reference import models as tm  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

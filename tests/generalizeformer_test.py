@@ -20,6 +20,7 @@ from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.models.generators import generalizeformer as generator_lib
 from tta_jax.runners import adapt, artifacts, report, train
+from tta_jax.trainers import generalizeformer as gf_trainer
 
 # A one-layer, 16-wide generator over 8-wide tokens (the tiny net's BN
 # layers are 4, 4, 8 and 16 wide; its classifier rows 16).
@@ -284,13 +285,10 @@ class JointBackboneTest(absltest.TestCase):
     # backbone with the source recipe's step.
     apply_fn, variables = _net()
     ctx = types.SimpleNamespace(
-      apply_fn=apply_fn,
-      config=types.SimpleNamespace(
-        pretrain=types.SimpleNamespace(bn_momentum=0.9)
-      ),
+      apply_fn=apply_fn, source_recipe={'bn_momentum': 0.9}
     )
     cfg = types.SimpleNamespace(backbone_learning_rate=1e-2)
-    tx, step = gf._backbone_trainer(ctx, cfg)
+    tx, step = gf_trainer._backbone_trainer(ctx, cfg)
     batch = test_utils.fake_batch(0, 16)
     opt_state = tx.init(variables['params'])
     losses_seen = []
@@ -322,7 +320,7 @@ class MetaGradientTest(absltest.TestCase):
       rng = jax.random.key(3)
 
       def loss(phi, first_order=False):
-        return gf._meta_loss(
+        return gf_trainer._meta_loss(
           phi, adapter, variables, episode, rng, first_order=first_order
         )[0]
 

@@ -16,7 +16,7 @@ from absl.testing import absltest
 from configs import meta_ttt_cifar, meta_ttt_digits
 from tta_jax import models, testing as test_utils
 from tta_jax._src import losses, params as params_lib
-from tta_jax.data import corruptions
+from tta_jax.data.images import corruptions
 from tta_jax.methods import meta_ttt
 from tta_jax.runners import adapt, train
 from tta_jax.trainers import meta_ttt as meta_ttt_trainer
