@@ -156,6 +156,24 @@ def method_configs(*, imagenet: bool = False):
         'flip': True,
         'crop_scale': (0.08, 1.0),
       },
+      # MGG (MGTTA): FOA's loss (lambda 0.4) refined by the pre-trained
+      # gradient generator, alpha 1e-3 (run.sh); needs its pre-training
+      # (meta_train_main, see configs/mgg_digits.py). 'block_cls' is the
+      # ViTs' per-block CLS features; BN convnets name their stages.
+      'mgg': {
+        'learning_rate': 1e-3,
+        'fitness_lambda': 0.4,
+        'features': ('block_cls',),
+      },
+      # DeYO (official defaults): tau_Ent 0.5 ln K, Ent_0 0.4 ln K, PLPD
+      # threshold 0.2, 4x4 patch shuffle.
+      'deyo': {
+        'optimizer': dict(tent_opt),
+        'margin': 0.5,
+        'margin_e0': 0.4,
+        'plpd_threshold': 0.2,
+        'patch_len': 4,
+      },
     }
   )
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tta_jax.models import vlm
-from tta_jax.models.vision import cifar, digits, layers, resnet
+from tta_jax.models.vision import cifar, digits, layers, resnet, vit
 from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode, mixed_bn
 from tta_jax.models.wrap import WrappedModel, wrap
 
@@ -59,6 +59,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   # CLIP-style dual encoders as zero-shot / CoOp classifiers.
   'vlm_digits': vlm.digits_classifier,
   'vlm_clip': vlm.clip_classifier,
+  # A small ViT for the 28x28 digits (7x7 patches of 4, LayerNorm only).
+  'digits_vit': lambda **kw: vit.ViT(
+    **{'patch_size': 4, 'width': 64, 'depth': 4, 'num_heads': 4, **kw}
+  ),
+  # timm's vit_base_patch16_224 (convert its weights with convert.py).
+  'vit_base_patch16_224': lambda **kw: vit.ViT(
+    **{
+      'patch_size': 16,
+      'width': 768,
+      'depth': 12,
+      'num_heads': 12,
+      'mean': (0.5,) * 3,
+      'std': (0.5,) * 3,
+      **kw,
+    }
+  ),
 }
 
 

@@ -12,11 +12,12 @@ config names another source recipe (`config.pretrain.trainer`, one of
 
 from collections.abc import Callable
 
-from tta_jax.trainers import base, coop, generalizeformer, lit, meta_ttt
+from tta_jax.trainers import base, coop, generalizeformer, lit, meta_ttt, mgg
 
 TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
   'meta_ttt': meta_ttt.train,
   'generalizeformer': generalizeformer.train,
+  'mgg': mgg.train,
   # CoOp's prompt context (zero-shot -> `coop`, TPT -> `tpt_coop`).
   'coop': coop.train,
 }
