@@ -74,7 +74,9 @@ def build_adapter(config, name, apply_fn, variables, benchmark, context, wd):
   owner = configs.artifacts_owner(config, name)
   meta = None
   if config.method_configs[name].get('model'):
-    apply_fn, variables = _model_variant(config, name, variables, benchmark)
+    apply_fn, variables = artifacts.model_variant(
+      config, name, variables, benchmark
+    )
   if owner is not None:
     if not artifacts.is_trained(artifacts.trained_dir(wd, owner)):
       raise FileNotFoundError(
@@ -92,25 +94,6 @@ def build_adapter(config, name, apply_fn, variables, benchmark, context, wd):
     **context,
   )
   return adapter, variables, meta
-
-
-def _model_variant(config, name, variables, benchmark):
-  """`(apply_fn, variables)` of method `name`'s model variant
-  (`configs.model_config`): the variables are the source ones at the
-  variant's parameter paths (a variant may use fewer, e.g. no prompt
-  context; it may not need new ones)."""
-  module, apply_fn = artifacts.build_model(
-    configs.model_config(config, name), benchmark
-  )
-  template = jax.eval_shape(
-    lambda: models.init_variables(
-      module, benchmark.input_shape, jax.random.key(0)
-    )
-  )
-  variables = artifacts.fit_variables(template, variables, name)
-  if benchmark.class_subset is not None:
-    apply_fn = models.restrict_classes(apply_fn, benchmark.class_subset)
-  return apply_fn, variables
 
 
 def run_method(

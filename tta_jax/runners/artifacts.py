@@ -252,6 +252,23 @@ def load_trained(workdir, name: str, apply_fn, variables, benchmark):
   return apply_fn, variables, meta
 
 
+def model_variant(config, name, variables, benchmark):
+  """`(apply_fn, variables)` of method `name`'s model variant
+  (`configs.model_config`): the variables are the source ones at the
+  variant's parameter paths (a variant may use fewer, e.g. no prompt
+  context; it may not need new ones)."""
+  module, apply_fn = build_model(configs.model_config(config, name), benchmark)
+  template = jax.eval_shape(
+    lambda: models.init_variables(
+      module, benchmark.input_shape, jax.random.key(0)
+    )
+  )
+  variables = fit_variables(template, variables, name)
+  if benchmark.class_subset is not None:
+    apply_fn = models.restrict_classes(apply_fn, benchmark.class_subset)
+  return apply_fn, variables
+
+
 def fit_variables(template, variables, name: str):
   """`variables` restricted to `template`'s paths, shapes checked."""
   from flax import traverse_util
