@@ -11,6 +11,7 @@ import os
 import tempfile
 from unittest import mock
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
@@ -609,6 +610,30 @@ class ImagenetFoldersTest(absltest.TestCase):
     self.assertLen(d, 4)
     with self.assertRaisesRegex(FileNotFoundError, 'no folder'):
       full_scale.imagenet_c(data_dir=root, corruptions=['frost'])
+
+  def test_imagenet_c_extra_corruptions_are_the_shifted_domains(self):
+    # MGG's pre-training learns from shifts disjoint from the 15 test ones.
+    root = _tempdir(self)
+    for c in full_scale.EXTRA_CORRUPTIONS:
+      path = os.path.join(root, c, '3', 'n01443537', 'a.JPEG')
+      _save(path, (224, 224), 'RGB', 9)
+    data = ml_collections.ConfigDict(
+      {'name': 'imagenet_c', 'loader_kwargs': {'data_dir': root, 'severity': 3}}
+    )
+    self.assertTrue(benchmarks.has_shifted_domains(data))
+    domains = benchmarks.shifted_domains(data)
+    self.assertEqual(
+      [d.name for d in domains], list(full_scale.EXTRA_CORRUPTIONS)
+    )
+    self.assertEqual({d.info['severity'] for d in domains}, {3})
+    self.assertEqual(domains[0].source.labels.tolist(), [1])
+    self.assertEmpty(
+      set(full_scale.EXTRA_CORRUPTIONS) & set(full_scale.CORRUPTIONS)
+    )
+    data.name = 'imagenet_r'
+    self.assertFalse(benchmarks.has_shifted_domains(data))
+    with self.assertRaisesRegex(ValueError, 'no shifted domains'):
+      benchmarks.shifted_domains(data)
 
   def test_imagenet_r_folder(self):
     root = _tempdir(self)

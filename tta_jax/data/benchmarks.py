@@ -499,8 +499,48 @@ def use_validation_shifts(data_config) -> None:
   data_config.natural_shift = False
 
 
+def has_shifted_domains(data_config) -> bool:
+  """Whether `shifted_domains` has labelled shifts disjoint from the test
+  stream for this benchmark."""
+  name = data_config['name']
+  if name == 'digits_corrupted':
+    return True
+  from tta_jax.data.images import full_scale
+
+  return name in full_scale.LOADERS and 'corruptions' in _params(
+    full_scale, name
+  )
+
+
+def shifted_domains(data_config) -> list[sources.Domain]:
+  """Labelled shifts disjoint from the test stream, for selection and for
+  trainers that learn from shifted data.
+
+  The corrupted digits: the validation stream (`use_validation_shifts`).
+  The full-scale corruption datasets (CIFAR-10-C, ImageNet-C, in every
+  layout): the four extra corruptions released beside the 15
+  (speckle_noise, gaussian_blur, spatter, saturate), read by the same loader
+  from the same data at the configured severity. Raises ValueError where
+  the benchmark has none (`has_shifted_domains`).
+  """
+  name = data_config['name']
+  if name == 'digits_corrupted':
+    return validation_domains(data_config)
+  if not has_shifted_domains(data_config):
+    raise ValueError(
+      f'{name!r} has no shifted domains disjoint from its test stream; '
+      'corruption benchmarks do (digits_corrupted, CIFAR-10-C, ImageNet-C)'
+    )
+  from tta_jax.data.images import full_scale
+
+  kwargs = dict(data_config.get('loader_kwargs', {}))
+  kwargs.pop('severities', None)
+  kwargs['corruptions'] = list(full_scale.EXTRA_CORRUPTIONS)
+  return full_scale.load_domains(name, **kwargs)
+
+
 def validation_domains(data_config) -> list[sources.Domain]:
-  """The validation stream's labelled domains (`use_validation_shifts`)."""
+  """The corrupted digits' validation stream (`use_validation_shifts`)."""
   config = data_config.copy_and_resolve_references()
   use_validation_shifts(config)
   return build(config, 'continual').domains

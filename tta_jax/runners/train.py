@@ -44,12 +44,14 @@ class _Lazy(Sequence):
 
 
 def _shifted_domains(config) -> Sequence[sources.Domain]:
-  """The validation stream's labelled domains (shifts disjoint from the
-  test stream), for trainers that learn from or select on shifted data;
-  empty where the benchmark defines none."""
-  if config.data.name != 'digits_corrupted':
+  """Labelled shifts disjoint from the test stream (`benchmarks.
+  shifted_domains`: the digits' validation stream, the extra corruptions of
+  CIFAR-10-C and ImageNet-C), for trainers that learn from or select on
+  shifted data; read when a trainer first asks; empty where the benchmark
+  defines none."""
+  if not benchmarks_lib.has_shifted_domains(config.data):
     return []
-  return _Lazy(lambda: benchmarks_lib.validation_domains(config.data))
+  return _Lazy(lambda: benchmarks_lib.shifted_domains(config.data))
 
 
 def context(config, name: str, workdir, benchmark, module, apply_fn, variables):

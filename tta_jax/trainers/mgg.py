@@ -174,11 +174,29 @@ def _fresh_carry(theta, module, n):
   )
 
 
-def _subset(domain_sources, n: int, rng) -> dict[str, np.ndarray]:
+class _LazyImages:
+  """The images of a source, read a slice at a time (ImageNet's 50,000
+  source-statistics images never sit in memory at once)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, where: slice):
+    return self.source[np.arange(len(self))[where]]['image']
+
+
+def _subset(domain_sources, n: int, rng, lazy: bool = False):
+  """`n` examples drawn once: a batch dict, or (`lazy`) their images."""
   pool = sources.ConcatSource(list(domain_sources))
   if n > len(pool):
     raise ValueError(f'mgg: {n} images asked, the domains hold {len(pool)}')
-  return pool[np.sort(rng.choice(len(pool), n, replace=False))]
+  indices = np.sort(rng.choice(len(pool), n, replace=False))
+  if lazy:
+    return _LazyImages(sources.SubsetSource(pool, indices))
+  return pool[indices]
 
 
 def validation_accuracy(adapter, variables, domains, meta, batch_size: int):
@@ -222,20 +240,20 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
   n = sum(int(np.size(x)) for x in jax.tree.leaves(theta0))
 
   clean = _subset(
-    [d.source for d in ctx.source_domains], cfg['stats_images'], r
+    [d.source for d in ctx.source_domains], cfg['stats_images'], r, lazy=True
   )
   mean, std = mgg_lib.source_statistics(
-    ctx.apply_fn, variables, clean['image'], features=settings['features']
+    ctx.apply_fn, variables, clean, features=settings['features']
   )
   train_data = _subset(
     [d.source for d in ctx.shifted_domains], cfg['num_images'], r
   )
   val = []
   for d in ctx.shifted_domains:
-    data = sources.materialize(d.source)
-    if cfg['val_examples']:
-      data = {k: v[: cfg['val_examples']] for k, v in data.items()}
-    val.append(data)
+    src = d.source  # only the first `val_examples` are read
+    if cfg['val_examples'] and cfg['val_examples'] < len(src):
+      src = sources.SubsetSource(src, np.arange(cfg['val_examples']))
+    val.append(sources.materialize(src))
 
   tx = optax.adam(cfg['learning_rate'])
   phi = mgg_lib.init_meta(
