@@ -210,7 +210,10 @@ def check(config) -> list[str]:
       f'unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}'
     )
   benchmarks.check_data_config(config.data)
-  for path in ('epochs', 'batch_size'):
+  recipe = ['epochs', 'batch_size']
+  if config.pretrain.get('trainer'):  # its own recipe (LiT counts steps)
+    recipe.remove('epochs')
+  for path in recipe:
     _number(config, f'pretrain.{path}', low=0, integer=True)
   _number(config, 'pretrain.learning_rate', low=0)
   context = {
