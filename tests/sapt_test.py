@@ -186,6 +186,5 @@ def test_sapt_finds_a_flatter_context_than_coop(tmp_path):
     name: sapt.evaluate(apply_fn, r.variables, _digits(100, 0))[1]
     for name, r in (('coop', plain), ('sapt', sam))
   }
-  print(sharp, loss)
   assert sharp['sapt'] <= sharp['coop']
   assert loss['sapt'] <= 1.5 * loss['coop']
