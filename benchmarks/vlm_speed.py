@@ -2,9 +2,9 @@
 
 For each model, in one run on the same weights and images: the wall time
 per image, XLA's FLOP count per image (`compiled.cost_analysis()`) and the
-compiled program's peak memory (`compiled.memory_analysis()`: arguments,
-outputs and temporaries; on a GPU the device's own peak is what the TLLA
-paper reports) of
+compiled program's memory (`compiled.memory_analysis()`: the arguments it
+reads, its outputs and its temporaries, per batch; the TLLA paper reports
+the GPU's own peak) of
 
 * zero-shot: one jitted forward of a batch of images (the class prompts
   encoded in the same call, as the `source` method does);
@@ -142,20 +142,21 @@ def _flops(compiled) -> float:
   return float((cost or {}).get('flops', math.nan))
 
 
-def _peak_bytes(compiled) -> float:
-  """The compiled program's peak memory (XLA's buffer assignment)."""
+def _memory_bytes(compiled) -> tuple[float, float]:
+  """(temporaries, arguments + outputs + temporaries) of the compiled
+  program, from XLA's buffer assignment (`memory_analysis()`). Arguments
+  the program does not read are pruned by `jax.jit` and not counted (TLLA's
+  step never reads the text tower's weights)."""
   m = compiled.memory_analysis()
   if m is None:
-    return math.nan
-  peak = getattr(m, 'peak_memory_in_bytes', 0)
-  if peak:
-    return float(peak)
-  return float(
+    return math.nan, math.nan
+  total = (
     m.argument_size_in_bytes
     + m.output_size_in_bytes
     + m.temp_size_in_bytes
     - m.alias_size_in_bytes
   )
+  return float(m.temp_size_in_bytes), float(total)
 
 
 METHODS = ('zero_shot', 'tpt', 'tlla')
@@ -215,7 +216,8 @@ def measure(name, args) -> dict:
     compiled = fn.lower(*fargs).compile()
     out[f'{key}_compile_s'] = time.perf_counter() - t
     out[f'{key}_gflop_per_image'] = _flops(compiled) / 1e9 / batch
-    out[f'{key}_peak_mb'] = _peak_bytes(compiled) / 2**20
+    temp, total = _memory_bytes(compiled)
+    out[f'{key}_temp_mb'], out[f'{key}_peak_mb'] = temp / 2**20, total / 2**20
     out[f'{key}_s_per_image'] = _time(compiled, fargs, args.repeats) / batch
   out['tpt_over_zero_shot_time'] = out['tpt_s_per_image'] / max(
     out['zero_shot_s_per_image'], 1e-12
@@ -245,17 +247,17 @@ def main(argv=None):
     f'{args.n_views} views, {args.text_len}-token prompts\n'
   )
   print(
-    '| model | classes | batch | method | s/img | GFLOP/img | peak MB '
-    '| TPT / method time |'
+    '| model | classes | batch | method | s/img | GFLOP/img | memory MB '
+    '| of which temporaries | TPT / method time |'
   )
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     for m in METHODS:
       print(
         f'| {r["model"]} | {r["classes"]} | {r["batch"]} | {m} '
         f'| {r[f"{m}_s_per_image"]:.4g} '
         f'| {r[f"{m}_gflop_per_image"]:.4g} '
-        f'| {r[f"{m}_peak_mb"]:.0f} '
+        f'| {r[f"{m}_peak_mb"]:.1f} | {r[f"{m}_temp_mb"]:.1f} '
         f'| {r["tpt_s_per_image"] / r[f"{m}_s_per_image"]:.1f}x |'
       )
   print(
