@@ -1,14 +1,22 @@
-r"""Per-image cost of TPT and of zero-shot classification, side by side.
+"""Per-image cost of TLLA, TPT and zero-shot classification, side by side.
 
 For each model, in one run on the same weights and images: the wall time
-per image and XLA's FLOP count per image (`compiled.cost_analysis()`) of
+per image, XLA's FLOP count per image (`compiled.cost_analysis()`) and the
+compiled program's memory (`compiled.memory_analysis()`: the arguments it
+reads, its outputs and its temporaries, per batch; the TLLA paper reports
+the GPU's own peak) of
 
 * zero-shot: one jitted forward of a batch of images (the class prompts
   encoded in the same call, as the `source` method does);
 * TPT: one jitted `tpt(...).step` on the same batch (per image: 64 views
   through the image tower, confidence selection, the text tower forward
   and backward for the context's gradient, one AdamW step, the text tower
-  again and the original view to predict).
+  again and the original view to predict);
+* TLLA's test stage: one jitted `stss(...).step` on the same batch (per
+  image: 64 views through the image tower, their features against the
+  cached text features of the R + 1 contexts, scores, the vote; no text
+  tower, no gradient). Its one-off cost, encoding the classes under the
+  R + 1 contexts (`init`), is reported apart (`tlla_init_s`).
 
 Models (random weights: cost does not depend on them):
 
@@ -26,9 +34,10 @@ positions after the end token change nothing).
 
   python benchmarks/vlm_speed.py                    # both models
   python benchmarks/vlm_speed.py --models=small --batch=16 --repeats=5
+  python benchmarks/vlm_speed.py --models=vit_b16 --classes=1000  # paper
 
-Absolute numbers depend on the machine and its load; compare the two
-columns of one run. This is a script, not a test.
+Absolute numbers depend on the machine and its load; compare the columns
+of one run. This is a script, not a test.
 """
 
 import argparse
@@ -51,6 +60,8 @@ def _parse(argv):
   p.add_argument('--batch', type=int, default=0, help='0: 16 small, 1 ViT')
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--n_views', type=int, default=64)
+  p.add_argument('--n_perturbations', type=int, default=16, help='TLLA R')
+  p.add_argument('--n_selected', type=int, default=6, help='TLLA s')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='', help='write <out>/vlm_speed.json')
   return p.parse_args(argv)
@@ -131,13 +142,33 @@ def _flops(compiled) -> float:
   return float((cost or {}).get('flops', math.nan))
 
 
+def _memory_bytes(compiled) -> tuple[float, float]:
+  """(temporaries, arguments + outputs + temporaries) of the compiled
+  program, from XLA's buffer assignment (`memory_analysis()`). Arguments
+  the program does not read are pruned by `jax.jit` and not counted (TLLA's
+  step never reads the text tower's weights)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return math.nan, math.nan
+  total = (
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    + m.temp_size_in_bytes
+    - m.alias_size_in_bytes
+  )
+  return float(m.temp_size_in_bytes), float(total)
+
+
+METHODS = ('zero_shot', 'tpt', 'tlla')
+
+
 def measure(name, args) -> dict:
   import jax
   import numpy as np
   import optax
 
   from tta_jax import models
-  from tta_jax.methods import tpt
+  from tta_jax.methods import stss, tpt
 
   module, shape = _model(name, args)
   batch = args.batch or (16 if name == 'small' else 1)
@@ -148,31 +179,54 @@ def measure(name, args) -> dict:
   images = np.random.default_rng(args.seed).uniform(size=(batch, *shape))
   images = jax.device_put(images.astype(np.float32))
   params, stats = variables['params'], variables['batch_stats']
-
-  zero_shot = jax.jit(lambda p, s, x: apply_fn(p, s, x).logits)
-  adapter = tpt.tpt(
-    apply_fn,
-    optax.adamw(5e-3, weight_decay=0.01),
+  views = dict(
     n_views=args.n_views,
     flip=name != 'small',
     crop_scale=(0.3, 1.0) if name == 'small' else (0.08, 1.0),
   )
-  state = adapter.init(variables, jax.random.key(args.seed))
-  step = jax.jit(lambda s, x: adapter.step(s, {'image': x})[1].logits)
+
+  zero_shot = jax.jit(lambda p, s, x: apply_fn(p, s, x).logits)
+  tpt_adapter = tpt.tpt(apply_fn, optax.adamw(5e-3, weight_decay=0.01), **views)
+  tpt_state = tpt_adapter.init(variables, jax.random.key(args.seed))
+  tpt_step = jax.jit(lambda s, x: tpt_adapter.step(s, {'image': x})[1].logits)
+  tlla = stss.stss(
+    apply_fn,
+    n_perturbations=args.n_perturbations,
+    n_selected=args.n_selected,
+    **views,
+  )
+  tlla_init = jax.jit(tlla.init)
+  t = time.perf_counter()
+  tlla_state = jax.block_until_ready(
+    tlla_init(variables, jax.random.key(args.seed))
+  )
+  tlla_init_s = time.perf_counter() - t
+  tlla_step = jax.jit(lambda s, x: tlla.step(s, {'image': x})[1].logits)
   out = {'model': name, 'batch': batch, 'classes': args.classes}
   out['params_m'] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
   out['init_s'] = init_s
+  out['tlla_init_s'] = tlla_init_s  # compile + R + 1 class encodings
+  out['tlla_r'], out['tlla_s'] = args.n_perturbations, args.n_selected
   for key, fn, fargs in (
     ('zero_shot', zero_shot, (params, stats, images)),
-    ('tpt', step, (state, images)),
+    ('tpt', tpt_step, (tpt_state, images)),
+    ('tlla', tlla_step, (tlla_state, images)),
   ):
     t = time.perf_counter()
     compiled = fn.lower(*fargs).compile()
     out[f'{key}_compile_s'] = time.perf_counter() - t
     out[f'{key}_gflop_per_image'] = _flops(compiled) / 1e9 / batch
+    temp, total = _memory_bytes(compiled)
+    out[f'{key}_temp_mb'], out[f'{key}_peak_mb'] = temp / 2**20, total / 2**20
     out[f'{key}_s_per_image'] = _time(compiled, fargs, args.repeats) / batch
   out['tpt_over_zero_shot_time'] = out['tpt_s_per_image'] / max(
     out['zero_shot_s_per_image'], 1e-12
+  )
+  out['tpt_over_tlla_time'] = out['tpt_s_per_image'] / max(
+    out['tlla_s_per_image'], 1e-12
+  )
+  out['tpt_over_tlla_flops'] = out['tpt_gflop_per_image'] / max(
+    out['tlla_gflop_per_image'], 1e-12
   )
   return out
 
@@ -193,18 +247,25 @@ def main(argv=None):
     f'{args.n_views} views, {args.text_len}-token prompts\n'
   )
   print(
-    '| model | classes | batch | zero-shot s/img | zero-shot GFLOP/img '
-    '| TPT s/img | TPT GFLOP/img | TPT / zero-shot time |'
+    '| model | classes | batch | method | s/img | GFLOP/img | memory MB '
+    '| of which temporaries | TPT / method time |'
   )
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(
-      f'| {r["model"]} | {r["classes"]} | {r["batch"]} '
-      f'| {r["zero_shot_s_per_image"]:.4f} '
-      f'| {r["zero_shot_gflop_per_image"]:.2f} '
-      f'| {r["tpt_s_per_image"]:.3f} | {r["tpt_gflop_per_image"]:.1f} '
-      f'| {r["tpt_over_zero_shot_time"]:.0f}x |'
-    )
+    for m in METHODS:
+      print(
+        f'| {r["model"]} | {r["classes"]} | {r["batch"]} | {m} '
+        f'| {r[f"{m}_s_per_image"]:.4g} '
+        f'| {r[f"{m}_gflop_per_image"]:.4g} '
+        f'| {r[f"{m}_peak_mb"]:.1f} | {r[f"{m}_temp_mb"]:.1f} '
+        f'| {r["tpt_s_per_image"] / r[f"{m}_s_per_image"]:.1f}x |'
+      )
+  print(
+    f'\nTLLA: R = {args.n_perturbations} perturbed contexts, s = '
+    f'{args.n_selected} views; its one-off class encoding (init, with '
+    'compilation): '
+    + ', '.join(f'{r["model"]} {r["tlla_init_s"]:.1f} s' for r in rows)
+  )
   if args.out:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,30 @@ def method_configs(*, imagenet: bool = False):
         'fitness_lambda': 0.4,
         'features': ('block_cls',),
       },
+      # STSS (TLLA's test stage, no backprop): TPT's 64 views, each scored
+      # by its worst-case entropy under R = 16 prompt perturbations of
+      # radius 0.5 (CLIP token-embedding units; R is not in the paper's
+      # main text), the hard vote of the 6 flattest (s, likewise); needs
+      # a vision-language model (see configs/vlm_digits.py).
+      'stss': {
+        'n_views': 64,
+        'n_selected': 6,
+        'n_perturbations': 16,
+        'rho': 0.5,
+        'sharpness_weight': 1.0,
+        'vote': 'hard',
+        'flip': True,
+        'crop_scale': (0.08, 1.0),
+      },
+      # ZERO: the hard vote of TPT's 10 % most confident views (STSS at
+      # rho' = 0).
+      'zero': {
+        'n_views': 64,
+        'n_selected': 6,
+        'vote': 'hard',
+        'flip': True,
+        'crop_scale': (0.08, 1.0),
+      },
       # DeYO (official defaults): tau_Ent 0.5 ln K, Ent_0 0.4 ln K, PLPD
       # threshold 0.2, 4x4 patch shuffle.
       'deyo': {

@@ -174,6 +174,40 @@ CASES = [
     params_lib.no_params,
     moves=False,
   ),
+  # STSS and ZERO change nothing. The tiny net has no prompt context nor
+  # class head: STSS perturbs its BN affine parameters and runs the views
+  # through each perturbed copy.
+  Case(
+    'stss',
+    {
+      'n_views': 4,
+      'n_selected': 2,
+      'n_perturbations': 2,
+      'rho': 0.5,
+      'perturb_mask': 'bn_affine',
+      'flip': False,
+    },
+    params_lib.no_params,
+    moves=False,
+  ),
+  Case(
+    'stss',
+    {
+      'n_views': 3,
+      'n_selected': 3,
+      'n_perturbations': 1,
+      'perturb_mask': 'bn_affine',
+      'vote': 'soft',
+    },
+    params_lib.no_params,
+    moves=False,
+  ),
+  Case(
+    'zero',
+    {'n_views': 4, 'n_selected': 2, 'flip': False},
+    params_lib.no_params,
+    moves=False,
+  ),
   Case(
     'mgg',
     {'features': MGG_FEATURES, 'learning_rate': 1e-2},

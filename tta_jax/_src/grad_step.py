@@ -206,3 +206,32 @@ def commit(
     step=state.step + 1,
     **fields,
   )
+
+
+def sharpness_aware_value_and_grad(
+  loss_fn: Callable, *, rho: float, weight: float = 1.0
+) -> Callable:
+  """`fn(params) -> (loss, g)`: the first-order SAM gradient of `loss_fn`.
+
+  With `g0 = grad loss(p)` and `eps = rho * g0 / (||g0|| + 1e-12)` (the
+  norm global over every leaf, `eps` a constant: no second-order term),
+  `g = (1 - weight) * g0 + weight * grad loss(p + eps)`: the gradient of
+  `loss(p) + weight * [loss(p + eps) - loss(p)]`, the loss plus `weight`
+  times its sharpness in the `rho`-ball. `weight = 1` is SAM (Foret et
+  al., ICLR 2021); `rho = 0` gives the plain gradient. `loss` is the
+  unperturbed loss. Two forward and backward passes.
+  """
+  vg = jax.value_and_grad(loss_fn)
+
+  def fn(params):
+    loss, g0 = vg(params)
+    scale = rho / (optax.tree.norm(g0) + 1e-12)
+    eps = jax.tree.map(lambda g: jax.lax.stop_gradient(g * scale), g0)
+    _, g1 = vg(jax.tree.map(jnp.add, params, eps))
+    if weight == 1.0:
+      return loss, g1
+    return loss, jax.tree.map(
+      lambda a, b: (1.0 - weight) * a + weight * b, g0, g1
+    )
+
+  return fn

@@ -27,6 +27,7 @@ from tta_jax.methods import (
   rotta,
   sar,
   source,
+  stss,
   t3a,
   tent,
   tpt,
@@ -49,10 +50,12 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'tpt': tpt.tpt,
   'mgg': mgg.mgg,
   'deyo': deyo.deyo,
+  'stss': stss.stss,
+  'zero': stss.zero,
 }
 
 # Factory arguments that take a parameter mask; configs give them as specs.
-_MASK_ARGS = ('adapt',)
+_MASK_ARGS = ('adapt', 'perturb_mask')
 
 
 def make_optimizer(spec: Mapping[str, Any]) -> optax.GradientTransformation:

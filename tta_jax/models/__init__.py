@@ -124,7 +124,9 @@ def make_apply_fn(
     bn_mode=None, mask=None) -> ModelOutput`. `use_batch_stats=True` is
     `bn_mode=BATCH` (test-batch statistics); `mask` ([B] bool) keeps padding
     rows out of the statistics. `feature_shift=(w, b)` transforms the stem
-    convolution's output per channel (Meta-TTT's shift synthesis).
+    convolution's output per channel (Meta-TTT's shift synthesis). For a
+    module with a `class_head` method (the dual encoders), the function
+    also has `apply_fn.class_head(params) -> (text_features, scale)`.
   """
 
   def apply_fn(
@@ -157,6 +159,12 @@ def make_apply_fn(
     )
     return ModelOutput(logits, feats, new.get('batch_stats', {}))
 
+  if hasattr(module, 'class_head'):
+    # Dual encoders: the class text features and logit scale alone (see
+    # `vlm.VLMClassifier.class_head`), without an image.
+    apply_fn.class_head = lambda params: module.apply(
+      {'params': params}, method='class_head'
+    )
   return apply_fn
 
 
@@ -204,6 +212,14 @@ def restrict_classes(apply_fn: ApplyFn, subset) -> ApplyFn:
     out = apply_fn(*args, **kwargs)
     return out._replace(logits=out.logits[:, subset])
 
+  head = getattr(apply_fn, 'class_head', None)
+  if head is not None:
+
+    def class_head(params):
+      text, scale = head(params)
+      return text[subset], scale
+
+    restricted.class_head = class_head
   return restricted
 
 

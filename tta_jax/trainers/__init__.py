@@ -12,7 +12,15 @@ config names another source recipe (`config.pretrain.trainer`, one of
 
 from collections.abc import Callable
 
-from tta_jax.trainers import base, coop, generalizeformer, lit, meta_ttt, mgg
+from tta_jax.trainers import (
+  base,
+  coop,
+  generalizeformer,
+  lit,
+  meta_ttt,
+  mgg,
+  sapt,
+)
 
 TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
   'meta_ttt': meta_ttt.train,
@@ -20,6 +28,8 @@ TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
   'mgg': mgg.train,
   # CoOp's prompt context (zero-shot -> `coop`, TPT -> `tpt_coop`).
   'coop': coop.train,
+  # TLLA's sharpness-aware prompt tuning (-> `sapt`, and `tlla` with STSS).
+  'sapt': sapt.train,
 }
 
 # Source recipes other than supervised training (`trainers.source`), by

@@ -86,7 +86,12 @@ def train(
     vlm.context_mask, variables['params'], variables['batch_stats'], who='coop'
   )
   source = ctx.source_domains[0].source
-  labels = np.asarray(source[np.arange(len(source))]['label'])
+  # Sources that know their labels (image folders, TFDS) are not decoded
+  # for them: ImageNet's 1.28M training images hold 16 shots per class.
+  labels = getattr(source, 'labels', None)
+  if labels is None:
+    labels = source[np.arange(len(source))]['label']
+  labels = np.asarray(labels)
   idx = few_shot(labels, hp.shots, ctx.num_classes, ctx.seed)
   data = source[idx]
   n = len(idx)

@@ -187,6 +187,16 @@ class VLMClassifier(DualEncoder):
     feats = self.encode_text(ids)  # [T, K, E], normalised per template
     return l2_normalize(jnp.mean(feats, axis=0))
 
+  def class_head(self) -> tuple[jax.Array, jax.Array]:
+    """`(text_features [K, E], scale)`: the classifier the image features
+    meet, `logits = scale * features['pre_logits'] @ text_features.T`.
+
+    `models.make_apply_fn` exposes it as `apply_fn.class_head(params)`, so
+    a method can encode the classes under other parameters (perturbed
+    prompt contexts, TLLA) once and reuse them for every test image.
+    """
+    return self.class_text_features(), self.logit_scale()
+
   def logits_from_features(
     self, image_features: jax.Array, text_features: jax.Array
   ) -> jax.Array:
