@@ -436,3 +436,28 @@ def test_missing_config_file_and_workdir_file(tmp_path):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+def test_source_settings_check_compares_what_the_source_learns(tmp_path):
+  from tta_jax.runners import artifacts
+
+  corrupted = default.get_config('small')
+  metadata = {'training': artifacts.source_training(corrupted)}
+  # The rotated stream's source is the same clean split: reused.
+  rotated = default.get_config('small')
+  rotated.data.name = 'digits_rotated'
+  rotated.data.rotations = (15, 30)
+  artifacts.check_source_training(rotated, tmp_path, metadata)
+  # Another source split is refused, naming the difference.
+  other = default.get_config('small')
+  other.data.train_size += 1
+  with pytest.raises(ValueError, match=r'other settings.*data\.train_size'):
+    artifacts.check_source_training(other, tmp_path, metadata)
+  # Where rotations make the source domains, they count.
+  dg = default.get_config('small')
+  dg.data.name = 'digits_rotated_dg'
+  dg.data.rotations = (0, 15)
+  dg_metadata = {'training': artifacts.source_training(dg)}
+  dg.data.rotations = (0, 30)
+  with pytest.raises(ValueError, match=r'data\.rotations'):
+    artifacts.check_source_training(dg, tmp_path, dg_metadata)
