@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from tta_jax.data import corruptions
+from tta_jax.data.images import corruptions
 
 
 def load_digit(index: int) -> np.ndarray:

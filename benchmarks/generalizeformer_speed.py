@@ -1,6 +1,6 @@
 r"""Wall time per test batch: GeneralizeFormer vs Tent vs full generation.
 
-The paper's efficiency table (spec A.8) compares the total inference time
+The paper's efficiency table compares the total inference time
 of GeneralizeFormer (generated BN affine + classifier), Tent and a variant
 generating every layer. Here the three run side by side on one stream of
 batches, on the same model and weights: each method's `step` is jitted,

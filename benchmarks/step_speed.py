@@ -6,9 +6,9 @@ For each model and each registered method (`tta_jax.methods.METHODS`, at
 median examples/s over `--repeats` timed repeats after warm-up (each repeat
 runs `--steps_per_repeat` steps back to back and blocks once at its end).
 In the same run and on the same weights, batch and thread settings, the
-PyTorch reference steps of Tent, EATA and SAR (`tests/torch_reference.py`,
-re-implementations of the official code) are timed the same way, and the
-table gives the JAX/PyTorch ratio.
+PyTorch reference steps of Tent, EATA and SAR
+(`tta_jax.torch_reference.methods`, re-implementations of the official
+code) are timed the same way, and the table gives the JAX/PyTorch ratio.
 
   python benchmarks/step_speed.py --out=/tmp/step_speed
   python benchmarks/step_speed.py --quick          # ~1 minute, a smoke run
@@ -16,8 +16,9 @@ table gives the JAX/PyTorch ratio.
       --methods=tent,eata,sar                      # + a batch-sharded column
 
 Models: `digits_cnn` (28x28x1) and `wide_resnet28_2` (32x32x3, the
-RobustBench layout, converted from the PyTorch `tests/torch_models.py`
-network so that both sides hold the same weights). The weights are random,
+RobustBench layout, converted from the PyTorch network of
+`tta_jax.torch_reference.models`, so that both sides hold the same
+weights). The weights are random,
 with the classifier scaled so that about half of the batch passes the
 entropy filters of EATA and SAR (a random network's predictions are near
 uniform and would select nothing, and the PyTorch EATA skips its backward
@@ -26,7 +27,7 @@ does not depend on their content, except through those filters.
 
 `--devices N` sets XLA's host-platform device count before JAX starts (CPU)
 and, for N > 1, adds a column with the batch sharded over the N devices
-(state replicated, as `runners.adapt.run_streams(shard_batch=True)` does).
+(state replicated, as `runners.streams.run_streams(shard_batch=True)` does).
 Methods that take meta-parameters get randomly initialised ones from their
 module's `init_meta(...)` if it has one; methods whose step cannot run
 without them are skipped with a note. Other columns: forward/backward passes
@@ -86,7 +87,7 @@ _MEMORY_SETTINGS = {'memo': {'samples_per_call': 8}}
 # factory defaults and this optimizer (if it takes one).
 _FALLBACK_OPTIMIZER = {'name': 'adam', 'learning_rate': 1e-3}
 
-# PyTorch references (tests/torch_reference.py) of these methods.
+# PyTorch references (tta_jax/torch_reference/methods.py) of these methods.
 TORCH_METHODS = ('tent', 'eata', 'sar')
 
 
@@ -296,8 +297,8 @@ class ModelSetup:
     else:
       import torch
 
-      from tests import torch_models
       from tta_jax.models.vision import convert
+      from tta_jax.torch_reference import models as torch_models
 
       torch.manual_seed(seed)
       torch_model = torch_models.WideResNet(28, 2, NUM_CLASSES)
@@ -322,7 +323,7 @@ class ModelSetup:
 
     import torch
 
-    from tests import torch_reference
+    from tta_jax.torch_reference import methods as torch_reference
 
     if torch_model is None:
       torch_model = torch_reference.from_flax(
@@ -428,7 +429,7 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
   import jax
   import numpy as np
 
-  from tta_jax import methods
+  from tta_jax import methods, trainers
 
   factory, config, notes = _method_config(name, all_configs)
   adapter = methods.from_config(
@@ -470,7 +471,7 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
       jitted, state, device_batch, device_meta
     )
   except Exception as e:
-    learns_first = factory in methods.META_TRAINERS
+    learns_first = factory in trainers.TRAINERS
     if has_init_meta or not (learns_first or 'meta' in str(e).lower()):
       raise
     first_line = str(e).strip().splitlines()[0][:160]
@@ -512,7 +513,7 @@ def _torch_step(name, setup, config, batch_size):
   """`(step, x)`: the PyTorch reference step of `name` and its input."""
   import torch
 
-  from tests import torch_reference as ref
+  from tta_jax.torch_reference import methods as ref
 
   model = setup.torch_model()
   params = ref.configure(model)
@@ -555,7 +556,8 @@ def _torch_step(name, setup, config, batch_size):
       margin=e0,
       rho=config['rho'],
       reset_constant=config['reset_constant'],
-      clear_ema_on_reset=True,  # as ours (and MD); costs the same
+      # As ours (and Marsden & Doebler's benchmark code); costs the same.
+      clear_ema_on_reset=True,
     )
     step = method.step
   else:

@@ -15,7 +15,8 @@ Needs the data and the source weights on disk (nothing is downloaded):
       --config.methods=source,norm,tent --config.setting=reset_each_shift
 
 Reference (DequanWang/tent, reset per corruption, bs 200): source 43.5,
-BN 20.4, Tent 18.6 % error; continual (MD benchmark): Tent 20.0.
+BN 20.4, Tent 18.6 % error; continual (MD: Marsden & Doebler's
+test-time-adaptation benchmark): Tent 20.0.
 """
 
 import ml_collections

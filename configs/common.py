@@ -2,7 +2,8 @@
 
 import ml_collections
 
-from tta_jax.data import corruptions
+from tta_jax.data import benchmarks
+from tta_jax.data.images import corruptions
 
 # The 15 ImageNet-C corruption families, in the standard order.
 CORRUPTIONS = corruptions.CORRUPTIONS
@@ -47,7 +48,8 @@ def method_configs(*, imagenet: bool = False):
   return ml_collections.ConfigDict(
     {
       'source': {},
-      # Nado et al.: test-batch statistics only (MD's BN-1).
+      # Nado et al.: test-batch statistics only (BN-1 of MD, Marsden &
+      # Doebler's test-time-adaptation benchmark code).
       'norm': {'source_weight': 0.0},
       # Schneider et al.: source statistics as a prior of strength N.
       'norm_prior': {'method': 'norm', 'prior_strength': 16.0},
@@ -213,14 +215,12 @@ def validation_stream(config: ml_collections.ConfigDict) -> None:
 
   The stream becomes the four held-out corruptions of Hendrycks &
   Dietterich (`VALIDATION_CORRUPTIONS`, severity 5) applied to the
-  source-val digits: neither the test digits nor the 15 test corruptions
-  (nor the UCI digits) are seen. Results go to `WORKDIR/validation.*`, so
-  the test results in the same WORKDIR are kept.
+  source-val digits (`benchmarks.use_validation_shifts`): neither the test
+  digits nor the 15 test corruptions (nor the UCI digits) are seen. Results
+  go to `WORKDIR/validation.*`, so the test results in the same WORKDIR
+  are kept.
   """
-  config.data.corruptions = corruptions.VALIDATION_CORRUPTIONS
-  config.data.severity = 5
-  config.data.target_split = 'val'
-  config.data.natural_shift = False
+  benchmarks.use_validation_shifts(config.data)
   config.results_name = 'validation'
 
 

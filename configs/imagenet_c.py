@@ -14,7 +14,8 @@ Needs the data and the source weights on disk (nothing is downloaded):
       --config.data.loader_kwargs.data_dir=$DATA \
       --config.methods=source,norm,tent,eata,sar
 
-Reference (MD benchmark, continual, 5k list): source 82.0, BN 68.6, Tent
+Reference (MD: Marsden & Doebler's test-time-adaptation benchmark,
+continual, 5k list): source 82.0, BN 68.6, Tent
 62.6, EATA 58.0, SAR 61.9 % error; (EATA README, reset per corruption, 50k):
 Tent 57.4, ETA 51.9, EATA 52.2. The ImageNet defaults are SGD lr 2.5e-4,
 momentum 0.9, batch 64.

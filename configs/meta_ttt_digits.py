@@ -58,7 +58,7 @@ FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 def meta_train_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.meta_train.<variant>` of `meta_ttt.meta_train`: code defaults.
+  """`config.meta_train.<variant>` (`trainers.meta_ttt.train`): code defaults.
 
   From the authors' `meta_sup.sh` (ResNet-18, PACS): SGD-Nesterov lr 1e-3,
   momentum 0.9, weight decay 5e-4, head lr x10, step decay x0.1 at 80 %,

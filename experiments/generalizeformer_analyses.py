@@ -45,9 +45,17 @@ from ml_collections import config_flags
 from configs import generalizeformer_dg as gf_config
 from tta_jax import methods
 from tta_jax._src import params as params_lib
-from tta_jax.data import benchmarks, corruptions, sources
+from tta_jax.data import benchmarks, sources
+from tta_jax.data.images import corruptions
 from tta_jax.methods import generalizeformer as gf
-from tta_jax.runners import adapt, common, meta_train, report as report_lib
+from tta_jax.runners import (
+  adapt,
+  artifacts,
+  configs,
+  report as report_lib,
+  scoring,
+  train,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -121,20 +129,21 @@ def _benchmarks(config, workdir):
 
 def _method(config, name, bench, wd, *, apply_fn=None, **overrides):
   """(adapter, variables, meta) of a configured method, as adapt.run has."""
-  module, base_apply = common.build_model(config.model, bench)
-  variables, _ = common.load_source(
-    config, wd, bench, module, pretrain_if_missing=False
-  )
-  fn, variables, meta = adapt.method_artifacts(
+  module, base_apply = artifacts.build_model(config.model, bench)
+  variables, _ = artifacts.load_source(config, wd, bench, module)
+  fn, variables, meta = artifacts.load_trained(
     wd, name, base_apply, variables, bench
   )
   context = adapt.source_context(config, bench)
   context.update(
     input_shape=tuple(bench.input_shape), num_classes=bench.num_classes
   )
-  kwargs = {**adapt.method_kwargs(config, name), **overrides}
+  kwargs = {**configs.method_kwargs(config, name), **overrides}
   adapter = methods.from_config(
-    adapt.factory_name(config, name), kwargs, apply_fn or fn, **context
+    configs.resolve(config, name, methods.METHODS),
+    kwargs,
+    apply_fn or fn,
+    **context,
   )
   return adapter, variables, meta
 
@@ -169,7 +178,7 @@ def batch_sizes(config, workdir) -> dict:
       adapter, variables, meta = _method(config, name, bench, wd)
       for b in map(int, FLAGS.batch_sizes):
         err, state = _stream(adapter, variables, meta, data, b)
-        clean = adapt.clean_error(
+        clean = scoring.clean_error(
           adapter,
           state,
           bench.clean_test,
@@ -223,7 +232,7 @@ def layers(config, workdir, directory: pathlib.Path) -> dict:
     corruptions.corrupted_source(clean, 'gaussian_noise', 5, 0)
   )
   bs = config.batch_size
-  _, base_apply = common.build_model(config.model, bench)
+  _, base_apply = artifacts.build_model(config.model, bench)
   r = np.random.default_rng(0)
   width = config.model.width
   # Per example: a per-channel affine map shared by the batch would be
@@ -268,7 +277,7 @@ def layers(config, workdir, directory: pathlib.Path) -> dict:
     step = jax.jit(adapter.step)
     state0 = adapter.init(variables, jax.random.key(0))
     mask = gf.generation_mask(
-      adapt.method_kwargs(config, 'generalizeformer').get('generate', 'both')
+      configs.method_kwargs(config, 'generalizeformer').get('generate', 'both')
     )(variables['params'], variables['batch_stats'])
     theta_s = params_lib.split(variables['params'], mask)[0]
     batches = shift_batches or shifts['none'][2]
@@ -327,7 +336,7 @@ def main(argv):
     if any(n in results['methods'] for n in names[1:]):
       report.append(
         report_lib.validation_ranking(
-          results, meta_train.validation_accuracies(config, workdir), names
+          results, train.validation_accuracies(config, workdir), names
         )
       )
   if 'batch_sizes' in FLAGS.analyses:

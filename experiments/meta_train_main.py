@@ -6,13 +6,13 @@ r"""Meta-trains the methods that learn before they adapt.
 Trains the source model(s) first when WORKDIR holds none (one per held-out
 domain for leave-one-domain-out configs), then runs every meta-trainer in
 `config.meta_methods`; `experiments.adapt_main` with the same config and
-workdir evaluates them. See tta_jax.runners.meta_train.
+workdir evaluates them. See tta_jax.runners.train.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from tta_jax.runners import meta_train
+from tta_jax.runners import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -25,7 +25,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  meta_train.run(FLAGS.config, FLAGS.workdir)
+  train.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

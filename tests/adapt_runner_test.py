@@ -11,7 +11,8 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import default
-from tta_jax.data import benchmarks, corruptions, digits, sources, streams
+from tta_jax.data import benchmarks, sources, streams
+from tta_jax.data.images import corruptions, digits
 from tta_jax.runners import adapt, pretrain
 
 _SOURCE: dict[str, str] = {}
@@ -172,7 +173,7 @@ class AdaptRunnerTest(absltest.TestCase):
       )
 
   def test_mixed_bn_for_any_batch_bn_method(self):
-    # Meta-TTT's mixed BN as a runner option: with alpha=1 (the source
+    # Meta-TTT's mixed BN as a method option: with alpha=1 (the source
     # statistics' weight) and a zero learning rate Tent predicts as `source`.
     config = _config(methods='source,tent,tent_src,tent_mixed')
     tent_src = config.method_configs.tent.to_dict()
@@ -192,7 +193,10 @@ class AdaptRunnerTest(absltest.TestCase):
     self.assertNotEqual(_errors(results, 'tent_mixed'), _errors(results))
     config = _config(methods='t3a')
     config.method_configs.t3a.mixed_bn_alpha = 0.5
-    with self.assertRaisesRegex(ValueError, "'t3a' picks its own BN"):
+    # T3A picks its own BN statistics: the option is not one of its keywords.
+    with self.assertRaisesRegex(
+      ValueError, r"unknown config keys \['mixed_bn_alpha'\] for method 't3a'"
+    ):
       adapt.run(config, self.workdir())
     config = _config(methods='tent')
     config.method_configs.tent.mixed_bn_alpha = 1.5

@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from tta_jax import methods, models
-from tta_jax.runners import adapt
+from tta_jax.runners import adapt, configs
 
 CONFIGS = sorted(
   p.stem
@@ -59,8 +59,8 @@ class ConfigsTest(parameterized.TestCase):
     }
     for method in config.method_configs:
       adapter = methods.from_config(
-        adapt.factory_name(config, method),
-        adapt.method_kwargs(config, method),
+        configs.resolve(config, method, methods.METHODS),
+        configs.method_kwargs(config, method),
         apply_fn,
         **context,
       )

@@ -1,10 +1,10 @@
 """PyTorch -> tta_jax conversion: logits parity, strictness, the binary.
 
-Reference architectures (`tests/torch_models.py`) get random weights AND
-random BN running statistics; converted, our models must give the same
-logits in eval mode (source statistics) and in train-mode BN (statistics of
-the batch). All on 32x32 inputs, so the originals' 8x8 average pooling is
-our global mean.
+Reference architectures (`tta_jax.torch_reference.models`) get random
+weights AND random BN running statistics; converted, our models must give
+the same logits in eval mode (source statistics) and in train-mode BN
+(statistics of the batch). All on 32x32 inputs, so the originals' 8x8
+average pooling is our global mean.
 """
 
 import hashlib
@@ -22,7 +22,7 @@ from tta_jax._src import checkpoint
 from tta_jax.models.vision import convert
 
 torch = pytest.importorskip('torch')
-from tests import torch_models as tm  # noqa: E402
+from tta_jax.torch_reference import models as tm  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -238,7 +238,7 @@ def test_main_end_to_end(tmp_path):
   assert metadata['converted_from']['sha256'] == digest
 
   # What the runner does with config.source_ckpt=out and this config.model.
-  from tta_jax.runners import common
+  from tta_jax.runners import artifacts
 
   config = ml_collections.ConfigDict(
     {'model': model_config, 'source_ckpt': str(out)}
@@ -246,10 +246,8 @@ def test_main_end_to_end(tmp_path):
   benchmark = types.SimpleNamespace(
     input_shape=(32, 32, 3), num_classes=10, source_train=None
   )
-  module, _ = common.build_model(config.model, benchmark)
-  variables, _ = common.load_source(
-    config, tmp_path, benchmark, module, pretrain_if_missing=False
-  )
+  module, _ = artifacts.build_model(config.model, benchmark)
+  variables, _ = artifacts.load_source(config, tmp_path, benchmark, module)
   expected = convert.from_torch_state_dict(
     'resnet26', _state_dict(ref_model), num_classes=10
   )

@@ -11,7 +11,8 @@ from absl.testing import absltest, parameterized
 from matplotlib import colors
 from PIL import Image
 
-from tta_jax.data import corruptions, sources
+from tta_jax.data import sources
+from tta_jax.data.images import corruptions
 
 SEVERITIES = corruptions.CORRUPTION_SEVERITIES
 _KEY = jax.random.PRNGKey(0)

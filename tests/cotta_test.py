@@ -6,8 +6,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from tta_jax import models
-from tta_jax._src import augment, losses, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import augment, losses
 from tta_jax.methods import cotta
 
 K, N_AUG, LR, EMA, AP = 3, 3, 0.1, 0.9, 0.5

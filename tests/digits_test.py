@@ -3,7 +3,7 @@
 import numpy as np
 from absl.testing import absltest
 
-from tta_jax.data import digits
+from tta_jax.data.images import digits
 
 
 class DigitsTest(absltest.TestCase):

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from tta_jax import models
-from tta_jax._src import losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import losses, params as params_lib
 from tta_jax.methods import eata as eata_lib
 
 K = 4

@@ -17,16 +17,11 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import generalizeformer_pacs, meta_ttt_cifar
-from tta_jax.data import (
-  benchmarks,
-  full_scale,
-  image_folder,
-  streams,
-  tfds_sources,
-)
+from tta_jax.data import benchmarks, streams
+from tta_jax.data.images import full_scale, image_folder, tfds_sources
 
 HAVE_CORRUPTIONS = (
-  importlib.util.find_spec('tta_jax.data.corruptions') is not None
+  importlib.util.find_spec('tta_jax.data.images.corruptions') is not None
 )
 
 
@@ -222,7 +217,9 @@ class TfdsMockTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'unknown DomainNet domains'):
       full_scale.domainnet(domains=['photo'])
 
-  @absltest.skipIf(not HAVE_CORRUPTIONS, 'tta_jax.data.corruptions missing')
+  @absltest.skipIf(
+    not HAVE_CORRUPTIONS, 'tta_jax.data.images.corruptions missing'
+  )
   def test_cifar100_generated_corruptions(self):
     with tfds.testing.mock_data(num_examples=6):
       domains = full_scale.cifar100_corrupted(

@@ -14,12 +14,13 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import generalizeformer_dg, generalizeformer_pacs
-from tta_jax import models
-from tta_jax._src import checkpoint, losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import checkpoint, losses, params as params_lib
 from tta_jax.data import benchmarks
 from tta_jax.methods import generalizeformer as gf
 from tta_jax.models.generators import generalizeformer as generator_lib
-from tta_jax.runners import adapt, meta_train, report
+from tta_jax.runners import adapt, artifacts, report, train
+from tta_jax.trainers import generalizeformer as gf_trainer
 
 # A one-layer, 16-wide generator over 8-wide tokens (the tiny net's BN
 # layers are 4, 4, 8 and 16 wide; its classifier rows 16).
@@ -206,7 +207,7 @@ class AdapterTest(absltest.TestCase):
     np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
     self.assertEqual(float(out.metrics['delta_norm']), 0.0)
     self.assertTrue(test_utils.trees_equal(state1.params, variables['params']))
-    # One valid row: source statistics (spec A.9-10).
+    # One valid row (no batch variance): source statistics.
     one = test_utils.fake_batch(1, 4, labels=False, mask=[1, 0, 0, 0])
     _, out = step(state, one, meta=phi)
     source = apply_fn(
@@ -284,13 +285,10 @@ class JointBackboneTest(absltest.TestCase):
     # backbone with the source recipe's step.
     apply_fn, variables = _net()
     ctx = types.SimpleNamespace(
-      apply_fn=apply_fn,
-      config=types.SimpleNamespace(
-        pretrain=types.SimpleNamespace(bn_momentum=0.9)
-      ),
+      apply_fn=apply_fn, source_recipe={'bn_momentum': 0.9}
     )
     cfg = types.SimpleNamespace(backbone_learning_rate=1e-2)
-    tx, step = gf._backbone_trainer(ctx, cfg)
+    tx, step = gf_trainer._backbone_trainer(ctx, cfg)
     batch = test_utils.fake_batch(0, 16)
     opt_state = tx.init(variables['params'])
     losses_seen = []
@@ -322,7 +320,7 @@ class MetaGradientTest(absltest.TestCase):
       rng = jax.random.key(3)
 
       def loss(phi, first_order=False):
-        return gf._meta_loss(
+        return gf_trainer._meta_loss(
           phi, adapter, variables, episode, rng, first_order=first_order
         )[0]
 
@@ -366,7 +364,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(config.methods, 'source,norm,tent,t3a,generalizeformer')
     config.methods = 'norm,generalizeformer'  # the others: compile time
     workdir = pathlib.Path(tempfile.mkdtemp())
-    meta_train.run(config, workdir)
+    train.run(config, workdir)
     held = workdir / 'dg' / 'rot75'
     metadata = json.loads(
       (held / 'meta' / 'generalizeformer' / 'metadata.json').read_text()
@@ -374,7 +372,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertBetween(metadata['metrics']['val_accuracy'], 0.0, 1.0)
     # One meta-source backbone per source domain, trained without it.
     self.assertLen(list((workdir / 'meta_backbones').iterdir()), 2)
-    phi = meta_train.load_meta(held / 'meta' / 'generalizeformer')
+    phi = artifacts.load_meta(held / 'meta' / 'generalizeformer')
     self.assertIn('generator', phi)
     adapt.run(config, workdir)
     results = json.loads((workdir / 'results.json').read_text())
@@ -416,7 +414,7 @@ class EndToEndTest(absltest.TestCase):
     config.pretrain.init_ckpt = str(init)
     config.methods = 'source,generalizeformer'
     workdir = root / 'work'
-    meta_train.run(config, workdir)
+    train.run(config, workdir)
     self.assertLen(list((workdir / 'meta_backbones').iterdir()), 3)
     adapt.run(config, workdir)
     results = json.loads((workdir / 'results.json').read_text())
@@ -521,7 +519,7 @@ class ConfigTest(absltest.TestCase):
       json.dumps({'metrics': {'val_accuracy': 1.0}})
     )
     self.assertEqual(
-      meta_train.validation_accuracies(config, workdir),
+      train.validation_accuracies(config, workdir),
       {
         'generalizeformer': {'rot75': 0.8},
         'generalizeformer_lr3x': {'rot75': 0.7},

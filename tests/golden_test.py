@@ -7,8 +7,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from tta_jax import methods, models
-from tta_jax._src import losses, params as params_lib, test_utils
+from tta_jax import methods, models, testing as test_utils
+from tta_jax._src import losses, params as params_lib
 
 
 def _conv_same_np(x, kernel):

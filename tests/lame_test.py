@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from tta_jax._src import test_utils
+from tta_jax import testing as test_utils
 from tta_jax.methods import lame as lame_lib
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from tta_jax import models
-from tta_jax._src import augment, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import augment
 from tta_jax.methods import memo
 
 LR, N_AUG, B = 0.05, 4, 3

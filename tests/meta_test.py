@@ -10,8 +10,8 @@ from absl.testing import absltest
 from sklearn.datasets import load_digits
 
 import tta_jax as tj
-from tta_jax import methods, models
-from tta_jax._src import meta as meta_lib, test_utils
+from tta_jax import methods, models, testing as test_utils
+from tta_jax.trainers import base as trainers_base
 
 
 def _tent_sgd(apply_fn):
@@ -115,12 +115,13 @@ def _shifted_episode(x, y, seed, steps=16, batch=32):
 
 class LogProgressTest(absltest.TestCase):
   def test_floats_back_and_stops_on_non_finite(self):
-    out = meta_lib.log_progress('m', 5, 10, {'loss': jnp.ones([])}, 1.0, 'x')
+    metrics = {'loss': jnp.ones([])}
+    out = trainers_base.log_progress('m', 5, 10, metrics, 1.0, 'x')
     self.assertEqual(out, {'loss': 1.0})
     with self.assertRaisesRegex(
       FloatingPointError, r'm: non-finite .* step 5: .*nan.*; lower lr'
     ):
-      meta_lib.log_progress(
+      trainers_base.log_progress(
         'm', 5, 10, {'loss': jnp.array(np.nan)}, 1.0, 'lower lr'
       )
 

@@ -8,21 +8,21 @@ import jax.numpy as jnp
 from absl.testing import absltest
 
 from configs import default
-from tta_jax import methods
-from tta_jax._src import meta as meta_lib
-from tta_jax.runners import adapt, meta_train
+from tta_jax import trainers
+from tta_jax.runners import adapt, artifacts, configs, train
+from tta_jax.trainers import base
 
 
-def _toy_trainer(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
+def _toy_trainer(ctx: base.TrainContext) -> base.TrainResult:
   """A 'meta-trainer' whose artifacts are recognisable downstream: a
   backbone that always predicts class 0, and a learning rate."""
   assert ctx.source_domains and ctx.val_domains
-  assert ctx.method_config.scale == 3.0
+  assert ctx.hparams.scale == 3.0
   params = dict(ctx.variables['params'])
   head = dict(params['head'])
   head['bias'] = head['bias'].at[0].add(1e4)
   params['head'] = head
-  return meta_lib.MetaTrainResult(
+  return base.TrainResult(
     meta={'log_learning_rate': jnp.log(1e-3)},
     variables={**ctx.variables, 'params': params},
     metrics={'loss': 0.5},
@@ -31,7 +31,7 @@ def _toy_trainer(ctx: meta_lib.MetaTrainContext) -> meta_lib.MetaTrainResult:
 
 class MetaTrainRunnerTest(absltest.TestCase):
   def test_leave_one_domain_out_with_meta_artifacts(self):
-    methods.META_TRAINERS['toy'] = _toy_trainer
+    trainers.TRAINERS['toy'] = _toy_trainer
     try:
       config = default.get_config('small')
       config.data.name = 'digits_rotated_dg'
@@ -53,22 +53,22 @@ class MetaTrainRunnerTest(absltest.TestCase):
       # Before meta-training, adaptation refuses (no silent source model).
       with self.assertRaisesRegex(FileNotFoundError, 'meta_train_main'):
         adapt.run(config, workdir)
-      meta_train.run(config, workdir)
+      train.run(config, workdir)
       for held in ('rot0', 'rot75'):
         d = workdir / 'dg' / held
         self.assertTrue((d / 'source' / 'metadata.json').exists())
         self.assertTrue((d / 'meta' / 'toy' / 'backbone').exists())
-        loaded = meta_train.load_meta(d / 'meta' / 'toy')
+        loaded = artifacts.load_meta(d / 'meta' / 'toy')
         self.assertAlmostEqual(
           float(jnp.exp(loaded['log_learning_rate'])), 1e-3, places=6
         )
       # Meta-training is not repeated, nor reused under other settings.
-      again = meta_train.run(config, workdir)
+      again = train.run(config, workdir)
       self.assertEqual(again['rot0']['toy']['metrics'], {'loss': 0.5})
       changed = config.copy_and_resolve_references()
       changed.meta_train.toy.scale = 4.0
       with self.assertRaisesRegex(ValueError, r"other settings.*'meta_train'"):
-        meta_train.run(changed, workdir)
+        train.run(changed, workdir)
 
       results = adapt.run(config, workdir)
       self.assertEqual(results['protocol'], 'leave_one_domain_out')
@@ -86,7 +86,7 @@ class MetaTrainRunnerTest(absltest.TestCase):
       self.assertIn('clean_error_after', toy)
       self.assertIn('held_out', toy)
     finally:
-      methods.META_TRAINERS.pop('toy', None)
+      trainers.TRAINERS.pop('toy', None)
 
   def test_partial_run_under_other_settings_is_refused(self):
     config = default.get_config('small')
@@ -94,21 +94,23 @@ class MetaTrainRunnerTest(absltest.TestCase):
     config.method_configs.meta_ttt = {'method': 'meta_ttt'}
     config.meta_train.meta_ttt = {'steps': 5}
     workdir = pathlib.Path(tempfile.mkdtemp())
-    kwargs = adapt.method_kwargs(config, 'meta_ttt')
+    kwargs = configs.method_kwargs(config, 'meta_ttt')
     progress = workdir / 'meta_ckpt' / 'meta_ttt.json'
     progress.parent.mkdir(parents=True)
     progress.write_text(
-      json.dumps({'settings': meta_train.settings(config, 'meta_ttt', kwargs)})
+      json.dumps(
+        {'settings': artifacts.trainer_settings(config, 'meta_ttt', kwargs)}
+      )
     )
     config.method_configs.meta_ttt.max_lr = 0.5  # a test-time keyword
     with self.assertRaisesRegex(ValueError, r"partial.*'method'"):
-      meta_train.run(config, workdir)
+      train.run(config, workdir)
 
   def test_unknown_meta_method(self):
     config = default.get_config('small')
     config.meta_methods = 'nope'
     with self.assertRaisesRegex(ValueError, 'no meta-trainer'):
-      meta_train.run(config, tempfile.mkdtemp())
+      train.run(config, tempfile.mkdtemp())
 
 
 if __name__ == '__main__':

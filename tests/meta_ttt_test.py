@@ -14,11 +14,12 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest
 
 from configs import meta_ttt_cifar, meta_ttt_digits
-from tta_jax import models
-from tta_jax._src import losses, params as params_lib, test_utils
-from tta_jax.data import corruptions
+from tta_jax import models, testing as test_utils
+from tta_jax._src import losses, params as params_lib
+from tta_jax.data.images import corruptions
 from tta_jax.methods import meta_ttt
-from tta_jax.runners import adapt, meta_train
+from tta_jax.runners import adapt, train
+from tta_jax.trainers import meta_ttt as meta_ttt_trainer
 
 
 def _alpha_net(seed=0):
@@ -101,13 +102,13 @@ class LossTest(absltest.TestCase):
 
   def test_shift_sampler(self):
     key = jax.random.key(0)
-    w, b = meta_ttt.sample_feature_shift(key, 64, 0.0)
+    w, b = meta_ttt_trainer.sample_feature_shift(key, 64, 0.0)
     np.testing.assert_array_equal(w, np.ones(64))
     np.testing.assert_array_equal(b, np.zeros(64))
-    w, b = meta_ttt.sample_feature_shift(key, 64, 1.0)
+    w, b = meta_ttt_trainer.sample_feature_shift(key, 64, 1.0)
     self.assertTrue(np.all((w >= 0) & (w < 1)) and np.all((b >= 0) & (b < 1)))
     self.assertLen(np.unique(np.asarray(w)), 64)
-    w, b = meta_ttt.sample_feature_shift(key, 20000, 0.3)
+    w, b = meta_ttt_trainer.sample_feature_shift(key, 20000, 0.3)
     self.assertAlmostEqual(float(np.mean(w != 1)), 0.3, delta=0.02)
     self.assertAlmostEqual(float(np.mean(b != 0)), 0.3, delta=0.02)
     # Weights and biases are masked independently.
@@ -144,7 +145,7 @@ class AdapterTest(absltest.TestCase):
         params,
         alpha_vars['batch_stats'],
         batch['image'],
-        bn_mode=meta_ttt.mixed_bn(),
+        bn_mode=models.mixed_bn(),
       ).logits
       expected = alpha_apply(
         params, alpha_vars['batch_stats'], batch['image'], bn_mode=mode
@@ -241,7 +242,7 @@ class AdapterTest(absltest.TestCase):
       np.allclose(
         out1.logits,
         apply_fn(
-          **variables, images=b1['image'], bn_mode=meta_ttt.mixed_bn()
+          **variables, images=b1['image'], bn_mode=models.mixed_bn()
         ).logits,
       )
     )  # it did adapt
@@ -268,7 +269,7 @@ class MetaGradientTest(absltest.TestCase):
         theta,
         stats,
         batch['image'],
-        bn_mode=meta_ttt.mixed_bn(),
+        bn_mode=models.mixed_bn(),
         feature_shift=shift,
       )
       conf = np.sort(np.asarray(jax.nn.softmax(out.logits).max(-1)))
@@ -281,7 +282,7 @@ class MetaGradientTest(absltest.TestCase):
       )
 
       def objective(t, first_order=False):
-        return meta_ttt.meta_objective(
+        return meta_ttt_trainer.meta_objective(
           apply_fn, inner, t, stats, batch, shift=shift, first_order=first_order
         )
 
@@ -367,7 +368,7 @@ class EndToEndTest(absltest.TestCase):
     config = meta_ttt_digits.get_config('small,ablations=false')
     config.methods = 'source,meta_ttt'  # norm and tent have their own tests
     workdir = pathlib.Path(tempfile.mkdtemp())
-    meta_train.run(config, workdir)
+    train.run(config, workdir)
     metadata = json.loads(
       (workdir / 'meta/meta_ttt/backbone/metadata.json').read_text()
     )
@@ -389,7 +390,7 @@ class EndToEndTest(absltest.TestCase):
     config.pretrain.update(epochs=1, batch_size=32)
     workdir = pathlib.Path(tempfile.mkdtemp())
     with tfds.testing.mock_data(num_examples=64):
-      meta_train.run(config, workdir)
+      train.run(config, workdir)
     metrics = json.loads((workdir / 'meta/meta_ttt/metadata.json').read_text())
     self.assertEqual(metrics['method'], 'meta_ttt')
     self.assertTrue((workdir / 'meta/meta_ttt/backbone/metadata.json').exists())

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tta_jax._src import params as params_lib, test_utils
+from tta_jax import testing as test_utils
+from tta_jax._src import params as params_lib
 from tta_jax.methods import generalizeformer
 
 

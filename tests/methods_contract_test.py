@@ -6,8 +6,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from tests import method_cases
-from tta_jax import methods, unroll
-from tta_jax._src import params as params_lib, test_utils
+from tta_jax import methods, testing as test_utils, unroll
+from tta_jax._src import params as params_lib
 
 NUM_STEPS = 3
 

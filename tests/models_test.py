@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from tta_jax import models
-from tta_jax._src import params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import params as params_lib
 
 # name -> (input shape, parameter count with 10 classes, BN layers)
 EXPECTED = {

@@ -5,8 +5,8 @@ import numpy as np
 from absl.testing import absltest
 from hypothesis import given, settings, strategies as st
 
-from tta_jax import methods
-from tta_jax._src import params as params_lib, test_utils
+from tta_jax import methods, testing as test_utils
+from tta_jax._src import params as params_lib
 
 _names = st.text('abcdefgh_0123', min_size=1, max_size=6)
 _trees = st.recursive(

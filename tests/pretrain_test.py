@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from tta_jax import models
 from tta_jax._src import checkpoint
-from tta_jax.runners import pretrain
+from tta_jax.trainers import source
 
 SHAPE = (28, 28, 1)
 
@@ -37,7 +37,7 @@ class WarmStartTest(absltest.TestCase):
 
   def test_copies_what_fits_and_keeps_the_new_head(self):
     fresh = _variables(10, seed=0)
-    out = pretrain.warm_start(fresh, self.dir, {'name': 'digits_cnn'})
+    out = source.warm_start(fresh, self.dir, {'name': 'digits_cnn'})
     flat_out = traverse_util.flatten_dict(out)
     flat_saved = traverse_util.flatten_dict(self.saved)
     flat_fresh = traverse_util.flatten_dict(fresh)
@@ -56,9 +56,9 @@ class WarmStartTest(absltest.TestCase):
   def test_errors(self):
     fresh = _variables(10, seed=0)
     with self.assertRaisesRegex(ValueError, "holds a 'digits_cnn'"):
-      pretrain.warm_start(fresh, self.dir, {'name': 'resnet18'})
+      source.warm_start(fresh, self.dir, {'name': 'resnet18'})
     with self.assertRaisesRegex(FileNotFoundError, 'holds no checkpoint'):
-      pretrain.warm_start(fresh, self.dir.parent / 'nothing', {'name': 'x'})
+      source.warm_start(fresh, self.dir.parent / 'nothing', {'name': 'x'})
 
 
 if __name__ == '__main__':

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from tta_jax import models
-from tta_jax._src import augment, losses, params as params_lib, test_utils
+from tta_jax import models, testing as test_utils
+from tta_jax._src import augment, losses, memory_bank, params as params_lib
 from tta_jax.methods import rotta as rotta_lib
 from tta_jax.models.vision import layers
 
@@ -110,9 +110,9 @@ class MemoryBankTest(absltest.TestCase):
   def _add_all(
     self, capacity, num_classes, labels, uncs, *, active=None, lambda_t=1.0
   ):
-    memory = rotta_lib.memory_init(capacity, (1, 1, 1))
+    memory = memory_bank.init(capacity, (1, 1, 1))
     add = jax.jit(
-      lambda m, x, c, u, a: rotta_lib.memory_add(
+      lambda m, x, c, u, a: memory_bank.add(
         m, x, c, u, num_classes=num_classes, lambda_t=lambda_t, active=a
       )
     )
@@ -195,9 +195,11 @@ class TimelinessTest(absltest.TestCase):
       np.exp(-a / 64) / (1 + np.exp(-a / 64)) for a in [0, 32, 64, 640]
     ]
     np.testing.assert_allclose(
-      rotta_lib.timeliness_weights(ages, 64), expected, rtol=1e-6
+      memory_bank.timeliness_weights(ages, 64), expected, rtol=1e-6
     )
-    self.assertEqual(float(rotta_lib.timeliness_weights(jnp.array(0), 8)), 0.5)
+    self.assertEqual(
+      float(memory_bank.timeliness_weights(jnp.array(0), 8)), 0.5
+    )
 
 
 class RottaStepTest(absltest.TestCase):
@@ -370,7 +372,7 @@ class RottaStepTest(absltest.TestCase):
       strong = augment.cotta_augment(
         jax.random.fold_in(rng, seen), memory.images
       )
-      w = rotta_lib.timeliness_weights(memory.age, size)
+      w = memory_bank.timeliness_weights(memory.age, size)
 
       def loss(student):
         o = apply_fn(
@@ -391,10 +393,8 @@ class RottaStepTest(absltest.TestCase):
       )
       return teacher, target.batch_stats, student, s_stats, opt_state
 
-    add = jax.jit(
-      lambda m, x, c, u: rotta_lib.memory_add(m, x, c, u, num_classes=3)
-    )
-    memory, seen, n_updates = rotta_lib.memory_init(size, SHAPE), 0, 0
+    add = jax.jit(lambda m, x, c, u: memory_bank.add(m, x, c, u, num_classes=3))
+    memory, seen, n_updates = memory_bank.init(size, SHAPE), 0, 0
     for batch, logits in zip(batches, outs, strict=True):
       ref = apply_fn(
         params_lib.merge(teacher, frozen), t_stats, batch['image']

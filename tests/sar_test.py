@@ -9,7 +9,8 @@ import optax
 from absl.testing import absltest
 
 from tests import eata_test
-from tta_jax._src import losses, params as params_lib, test_utils
+from tta_jax import testing as test_utils
+from tta_jax._src import losses, params as params_lib
 from tta_jax.methods import sar as sar_lib
 
 A, B, C, U = eata_test.A, eata_test.B, eata_test.C, eata_test.U

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from tta_jax import models
-from tta_jax._src import test_utils
+from tta_jax import models, testing as test_utils
 from tta_jax.methods import t3a as t3a_lib
 
 

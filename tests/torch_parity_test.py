@@ -20,7 +20,7 @@ from tta_jax._src import losses
 from tta_jax.methods import eata, sar, tent
 
 torch = pytest.importorskip('torch')
-from tests import torch_reference as ref  # noqa: E402
+from tta_jax.torch_reference import methods as ref  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

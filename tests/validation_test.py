@@ -11,8 +11,8 @@ from absl.testing import absltest, parameterized
 
 import tta_jax as tj
 from configs import default
-from tta_jax import methods
-from tta_jax._src import params as params_lib, test_utils
+from tta_jax import methods, testing as test_utils
+from tta_jax._src import params as params_lib
 from tta_jax.data import benchmarks
 from tta_jax.runners import pretrain
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import optax
 
 Params = Any  # A nested dict of arrays (a flax 'params' collection).
@@ -72,3 +73,25 @@ class Adapter(NamedTuple):
   init: AdaptInitFn
   step: AdaptStepFn
   adapted: Callable[[Params, Params], Params] | None = None
+
+
+def init_state(
+  variables: Variables,
+  rng: jax.Array,
+  *,
+  opt_state: optax.OptState | None = None,
+  extra: Any = (),
+) -> AdaptState:
+  """The state every method starts from: the source variables, step 0.
+
+  `opt_state` defaults to `optax.EmptyState()` (methods without an
+  optimizer); `extra` is the method's own state.
+  """
+  return AdaptState(
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    opt_state=optax.EmptyState() if opt_state is None else opt_state,
+    rng=rng,
+    step=jnp.zeros([], jnp.int32),
+    extra=extra,
+  )

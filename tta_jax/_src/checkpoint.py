@@ -134,3 +134,29 @@ def load_variables(directory: str | pathlib.Path, template: Any) -> Any:
 def has_variables(directory: str | pathlib.Path) -> bool:
   d = pathlib.Path(directory)
   return (d / 'variables').exists() and (d / 'metadata.json').exists()
+
+
+def model_metadata(model_config, input_shape, num_classes: int) -> dict:
+  """What identifies a model's architecture, stored beside its variables."""
+  return {
+    'model': _normal(dict(model_config)),
+    'input_shape': list(input_shape),
+    'num_classes': num_classes,
+  }
+
+
+def _normal(x):
+  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare."""
+  return json.loads(json.dumps(x.to_dict() if hasattr(x, 'to_dict') else x))
+
+
+def check_metadata(found: dict, expected: dict, where) -> None:
+  """Fails clearly when a checkpoint holds another architecture."""
+  for key in ('model', 'input_shape', 'num_classes'):
+    if _normal(found.get(key)) != _normal(expected[key]):
+      raise ValueError(
+        f'the checkpoint in {where} was trained with {key}='
+        f'{found.get(key)!r}, but the config asks for {expected[key]!r}. '
+        'Use another --workdir, or set config.source_ckpt to a matching '
+        'checkpoint.'
+      )

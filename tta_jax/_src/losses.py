@@ -5,6 +5,8 @@ padding rows of a last partial batch, or rows a method filters out, never
 count and an empty selection gives 0 rather than NaN.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -87,3 +89,9 @@ def batch_mask(batch, size: int | None = None) -> jax.Array:
     return batch['mask'].astype(bool)
   n = batch['image'].shape[0] if size is None else size
   return jnp.ones((n,), bool)
+
+
+def entropy_margin(margin: float, num_classes: int) -> float:
+  """E0 = `margin` ln K: the reliability threshold of EATA, ETA and SAR
+  (samples with a lower prediction entropy are reliable)."""
+  return margin * math.log(num_classes)

@@ -10,66 +10,16 @@ layer-wise gradients) sit inside the outer one, so second-order terms flow
 unless `first_order=True` is passed down to the methods.
 """
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
 from tta_jax._src import base, losses
 
 Episode = Mapping[str, jax.Array]
-
-
-def inner_value_and_grad(
-  fun: Callable, *, has_aux: bool = False, first_order: bool = False
-) -> Callable:
-  """`jax.value_and_grad` whose gradient is a constant when `first_order`.
-
-  Methods use this for the gradient they take inside `step`, so a
-  meta-learner can choose first-order (FOMAML-style) meta-gradients.
-  """
-  vg = jax.value_and_grad(fun, has_aux=has_aux)
-
-  def wrapped(*args, **kwargs):
-    value, grads = vg(*args, **kwargs)
-    if first_order:
-      grads = jax.lax.stop_gradient(grads)
-    return value, grads
-
-  return wrapped
-
-
-def inject_meta_hyperparams(
-  opt_state: optax.OptState, meta: Mapping[str, jax.Array] | None
-) -> optax.OptState:
-  """Writes `meta['log_<name>']` as `exp(.)` into injected hyperparameters.
-
-  The optax meta-learning pattern: build the method's optimizer with
-  `optax.inject_hyperparams(optax.adam)(learning_rate=...)` and meta-learn
-  `meta = {'log_learning_rate': ...}`. Other `meta` entries are ignored.
-  """
-  if not meta:
-    return opt_state
-  names = {k[4:]: v for k, v in meta.items() if k.startswith('log_')}
-  if not names:
-    return opt_state
-  if not hasattr(opt_state, 'hyperparams'):
-    raise ValueError(
-      f'meta {sorted(meta)} sets optimizer hyperparameters, which needs an '
-      'optimizer built with optax.inject_hyperparams(...)'
-    )
-  hyper = dict(opt_state.hyperparams)
-  for name, log_value in names.items():
-    if name not in hyper:
-      raise ValueError(
-        f'meta sets {name!r}; injected hyperparameters: {sorted(hyper)}'
-      )
-    hyper[name] = jnp.exp(log_value).astype(jnp.asarray(hyper[name]).dtype)
-  return opt_state._replace(hyperparams=hyper)
 
 
 def unroll(
@@ -177,51 +127,3 @@ def make_meta_train_step(
     ), metrics
 
   return jax.jit(train_step)
-
-
-class MetaTrainContext(NamedTuple):
-  """What the meta-training runner gives a method's meta-trainer."""
-
-  config: Any  # the whole experiment config
-  method_config: Any  # config.meta_train[<name>]: the trainer's settings
-  # config.method_configs[<name>] without 'method': the adapter's keyword
-  # arguments at test time (build the adapter from them, so meta-training
-  # and adaptation agree); {} if the name has no method config.
-  method_kwargs: dict
-  module: Any  # the source model (flax module)
-  apply_fn: Callable  # its ApplyFn
-  variables: Any  # the trained source variables
-  source_domains: list  # labelled source `Domain`s (train parts), >= 1
-  val_domains: list  # their validation parts (model selection), maybe []
-  input_shape: tuple  # (H, W, C)
-  num_classes: int
-  rng: jax.Array
-  checkpointer: Any  # checkpoint.StateCheckpointer: resume long loops
-  log_every: int
-
-
-class MetaTrainResult(NamedTuple):
-  """What a meta-trainer returns; the runner saves it."""
-
-  meta: Any = None  # meta-parameters for `step(meta=...)`, or None
-  variables: Any = None  # a meta-trained backbone replacing the source
-  model: dict | None = None  # its model config, if it differs (bn_alpha_init)
-  metrics: dict = {}  # final scalars (losses, validation accuracy)
-
-
-def log_progress(
-  name: str, done: int, total: int, metrics, seconds: float, hint: str
-) -> dict[str, float]:
-  """Logs a meta-trainer's metrics; a non-finite one stops training.
-
-  Returns the metrics as floats. `hint` says what to change when a metric
-  is not finite.
-  """
-  metrics = {k: float(v) for k, v in metrics.items()}
-  if not all(math.isfinite(v) for v in metrics.values()):
-    raise FloatingPointError(
-      f'{name}: non-finite meta-training metrics at step {done}: '
-      f'{metrics}; {hint}'
-    )
-  logging.info('%s step %d/%d: %s (%.1fs)', name, done, total, metrics, seconds)
-  return metrics

@@ -61,3 +61,35 @@ def summarize(records: dict[str, np.ndarray]) -> dict[str, float]:
     'nll': float(np.mean(records['nll'])),
     'n': n,
   }
+
+
+def count_correct(
+  step, state, batches, *, carry: bool = False
+) -> tuple[int, int]:
+  """How many valid rows of labelled batches an adapter gets right.
+
+  The one accuracy routine of the runners (the clean-data forgetting
+  check) and the trainers (validation during meta-training).
+
+  Args:
+    step: `step(state, inputs) -> (state, logits)` (jitted by the caller),
+      with inputs `{'image', 'mask'}`.
+    state: the state the first batch starts from.
+    batches: dicts with `image`, `label` and `mask` (False on padding rows,
+      which are never counted), e.g. `data.sources.padded_batches`.
+    carry: each batch starts from the state the previous one returned
+      (adaptation goes on over the batches); otherwise every batch is
+      predicted from `state` (the clean-data forgetting check).
+
+  Returns:
+    `(correct, n)`: rows whose argmax logit is the label, valid rows.
+  """
+  correct, n = 0, 0
+  for batch in batches:
+    new, logits = step(state, {'image': batch['image'], 'mask': batch['mask']})
+    if carry:
+      state = new
+    hit = np.asarray(logits).argmax(-1) == batch['label']
+    correct += int(hit[batch['mask']].sum())
+    n += int(batch['mask'].sum())
+  return correct, n

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tta_jax.data import digits, sources, streams
+from tta_jax.data import sources, streams
+from tta_jax.data.images import digits
 
 
 class Benchmark(NamedTuple):
@@ -154,7 +155,7 @@ def _digits_corrupted_dg(cfg) -> list[DGDomain]:
 def _full_scale_dg(cfg) -> list[DGDomain]:
   """DomainBed-style image folders (PACS, VLCS, Office-Home, ...): each
   domain's 80 % trains, 20 % selects (and measures forgetting)."""
-  from tta_jax.data import full_scale
+  from tta_jax.data.images import full_scale
 
   kwargs = dict(cfg.loader_kwargs)
   train = full_scale.load_domains(cfg.name, split='train', **kwargs)
@@ -168,7 +169,7 @@ def _full_scale_dg(cfg) -> list[DGDomain]:
 def _domainnet_dg(cfg) -> list[DGDomain]:
   """DomainNet from TFDS: each domain's train split trains, its test split
   selects (and measures forgetting)."""
-  from tta_jax.data import full_scale
+  from tta_jax.data.images import full_scale
 
   kwargs = dict(cfg.loader_kwargs)
   train = full_scale.domainnet(split='train', **kwargs)
@@ -213,7 +214,7 @@ def targets(data_config, setting: str) -> list[tuple[str | None, Benchmark]]:
 
 
 def _corruptions():
-  from tta_jax.data import corruptions  # heavy (jax) import, lazily
+  from tta_jax.data.images import corruptions  # heavy (jax) import, lazily
 
   return corruptions
 
@@ -334,7 +335,7 @@ def _subset(domain: sources.Domain, n: int) -> sources.Domain:
 
 
 def _full_scale(cfg, setting) -> Benchmark:
-  from tta_jax.data import full_scale
+  from tta_jax.data.images import full_scale
 
   kwargs = dict(cfg.loader_kwargs)
   base, _ = streams.parse_setting(setting)
@@ -412,6 +413,33 @@ BENCHMARKS = {
 }
 
 
+def use_validation_shifts(data_config) -> None:
+  """Turns a corrupted-digits data config into its validation stream.
+
+  The four held-out corruptions of Hendrycks & Dietterich
+  (`corruptions.VALIDATION_CORRUPTIONS`, severity 5) applied to the
+  source-val digits: neither the test digits nor the 15 test corruptions
+  (nor the UCI digits) are seen, so hyperparameters selected on it (and
+  trainers that learn from shifted data) never see the test stream.
+  """
+  if data_config['name'] != 'digits_corrupted':
+    raise ValueError(
+      f'a validation stream is defined for digits_corrupted only, not '
+      f'{data_config["name"]!r}'
+    )
+  data_config.corruptions = _corruptions().VALIDATION_CORRUPTIONS
+  data_config.severity = 5
+  data_config.target_split = 'val'
+  data_config.natural_shift = False
+
+
+def validation_domains(data_config) -> list[sources.Domain]:
+  """The validation stream's labelled domains (`use_validation_shifts`)."""
+  config = data_config.copy_and_resolve_references()
+  use_validation_shifts(config)
+  return build(config, 'continual').domains
+
+
 def _check_target_split(data_config) -> None:
   """`data.target_split='val'` (a validation stream) exists for the
   corrupted digits only; elsewhere it is refused, not ignored."""
@@ -429,7 +457,7 @@ def build(data_config: Mapping[str, Any], setting: str) -> Benchmark:
   _check_target_split(data_config)
   if name in BENCHMARKS:
     return BENCHMARKS[name](data_config, setting)
-  from tta_jax.data import full_scale
+  from tta_jax.data.images import full_scale
 
   if name in getattr(full_scale, 'LOADERS', {}):
     return _full_scale(data_config, setting)

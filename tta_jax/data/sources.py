@@ -155,19 +155,28 @@ def materialize(source: Source, batch_size: int = 1024) -> Batch:
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def padded_batches(data: Mapping[str, np.ndarray], batch_size: int):
-  """Fixed-shape batches of an in-memory split, with a validity mask.
+def padded_batches(data, batch_size: int, limit: int = 0):
+  """Fixed-shape batches of a split, with a validity mask.
 
-  The last batch is padded by repeating its first row (`mask` False there),
-  so a jitted consumer compiles one shape. data: `image`, `label` arrays.
+  `data` is an in-memory split (a mapping with `image` and `label` arrays)
+  or a `Source` (read batch by batch). The last batch is padded by
+  repeating its first row (`mask` False there), so a jitted consumer
+  compiles one shape. `limit` > 0 keeps the first `limit` examples.
   """
-  n = len(data['label'])
+  in_memory = isinstance(data, Mapping)
+  n = len(data['label']) if in_memory else len(data)
+  if limit:
+    n = min(n, limit)
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)
     valid = idx < n
     idx = np.where(valid, idx, start)
-    yield {
-      'image': data['image'][idx],
-      'label': data['label'][idx],
-      'mask': valid,
-    }
+    if in_memory:
+      yield {
+        'image': data['image'][idx],
+        'label': data['label'][idx],
+        'mask': valid,
+      }
+    else:
+      batch = data[idx]
+      yield {'image': batch['image'], 'label': batch['label'], 'mask': valid}

@@ -45,13 +45,6 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'generalizeformer': generalizeformer.generalizeformer,
 }
 
-# Method name -> meta-trainer (`MetaTrainContext -> MetaTrainResult`, see
-# `tta_jax._src.meta`), for the methods that learn before they adapt.
-META_TRAINERS: dict[str, Callable[..., Any]] = {
-  'meta_ttt': meta_ttt.meta_train,
-  'generalizeformer': generalizeformer.meta_train,
-}
-
 # Factory arguments that take a parameter mask; configs give them as specs.
 _MASK_ARGS = ('adapt',)
 

@@ -6,13 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import (
-  augment,
-  base,
-  losses,
-  meta as meta_lib,
-  params as params_lib,
-)
+from tta_jax import models
+from tta_jax._src import augment, base, grad_step, losses, params as params_lib
 
 
 class CottaState(NamedTuple):
@@ -36,6 +31,7 @@ def cotta(
   augment_strength: str = 'cifar',
   per_example_augment: bool = False,
   augmentations_per_call: int | None = None,
+  mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """CoTTA (Wang et al., CVPR 2022): mean teacher, augmentation, restore.
 
@@ -71,7 +67,8 @@ def cotta(
       CE(student -> teacher); the default is the CIFAR loss, the first term.
     always_augment: compute the augmented forwards on every batch, as the
       official CIFAR code does (same results, more compute); the default
-      computes them only when c < `ap_threshold` (official ImageNet code, MD).
+      computes them only when c < `ap_threshold` (official ImageNet code,
+      and MD: Marsden & Doebler's test-time-adaptation benchmark code).
     augment_strength: see `augment.cotta_augment`.
     per_example_augment: one random transform per image, not per batch.
     augmentations_per_call: augmented copies per teacher forward (`lax.map`
@@ -90,18 +87,13 @@ def cotta(
       f'cotta: num_augmentations must be >= 1, got {num_augmentations}'
     )
 
+  apply_fn = models.with_mixed_bn(apply_fn, mixed_bn_alpha)
+
   def init_fn(variables, rng):
     params = variables['params']
-    trainable, _ = params_lib.split_by(
-      adapt, params, variables['batch_stats'], who='cotta'
-    )
-    return base.AdaptState(
-      params=params,
-      batch_stats=variables['batch_stats'],
-      opt_state=optimizer.init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-      extra=CottaState(teacher=params, source=params),
+    extra = CottaState(teacher=params, source=params)
+    return grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='cotta', extra=extra
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
@@ -149,23 +141,20 @@ def cotta(
         augmented, augmented_target, lambda: forward(teacher, images)
       )
 
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    parts = grad_step.split(state, adapt, meta)
 
-    def loss_fn(trainable):
-      logits = forward(params_lib.merge(trainable, frozen), images)
+    def loss_fn(params):
+      logits = forward(params, images)
       fixed = jax.lax.stop_gradient(target)
       loss = losses.soft_cross_entropy(logits, fixed)
       if symmetric_loss:
         loss = 0.5 * loss + 0.5 * losses.soft_cross_entropy(fixed, logits)
       return losses.masked_mean(loss, mask)
 
-    grad_fn = meta_lib.inner_value_and_grad(loss_fn, first_order=first_order)
-    loss, grads = grad_fn(trainable)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    step = grad_step.masked_grad_step(
+      loss_fn, parts, optimizer, first_order=first_order
+    )
+    loss, trainable = step.value, step.trainable
     # The EMA runs over all parameters; frozen ones equal the source in both
     # networks, so only the adapted subset is computed (no rounding drift).
     teacher_trainable, teacher_frozen = params_lib.split(
@@ -191,10 +180,11 @@ def cotta(
       restored.append(jnp.where(hit, src, leaf))
       offset += leaf.size
     trainable = jax.tree.unflatten(treedef, restored)
-    new_state = state._replace(
-      params=params_lib.merge(trainable, frozen),
-      opt_state=opt_state,
-      step=state.step + 1,
+    new_state = grad_step.commit(
+      state,
+      parts,
+      trainable,
+      step.opt_state,
       extra=CottaState(teacher=teacher, source=source),
     )
     metrics = {

@@ -1,6 +1,5 @@
 """EATA and ETA: efficient, anti-forgetting entropy minimisation."""
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -8,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax import models
+from tta_jax._src import base, grad_step, losses, params as params_lib
 
 
 class EataState(NamedTuple):
@@ -29,6 +29,7 @@ def eata(
   source_images=None,
   fisher_batch_size: int = 64,
   num_classes: int | None = None,
+  mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """EATA (Niu et al., ICML 2022): filtered, reweighted entropy minimisation.
 
@@ -43,7 +44,8 @@ def eata(
   survives both filters. As in the official "version 1", the gradient is
   taken through the whole batch with the loss masked (no compute is saved).
   Padding rows (`batch['mask']`) are never selected. A reset (the runner's
-  `state0`) also clears m, as in MD.
+  `state0`) also clears m, as in MD (Marsden & Doebler's
+  test-time-adaptation benchmark code).
 
   F is the empirical diagonal Fisher of the adapted parameters on clean
   `source_images`, computed in `init` as in EATA's `main.py`: batches of
@@ -67,6 +69,8 @@ def eata(
     num_classes: K, the size of m; None reads it from the classifier `head`
       (`kernel` [D, K]). Give it when `apply_fn` restricts the logits to a
       subset of the head's classes (ImageNet-R/A).
+    mixed_bn_alpha: None normalises with the test batch; a weight in [0, 1]
+      on the source statistics uses Meta-TTT's mixed BN instead.
 
   Returns:
     An `Adapter`; metrics `loss`, `n_reliable`, `n_selected`.
@@ -78,6 +82,7 @@ def eata(
   if fisher_alpha < 0:
     raise ValueError(f'eata: fisher_alpha must be >= 0, got {fisher_alpha}')
   use_fisher = fisher_alpha > 0
+  apply_fn = models.with_mixed_bn(apply_fn, mixed_bn_alpha)
   if use_fisher:
     if source_images is None:
       raise ValueError(
@@ -124,48 +129,39 @@ def eata(
     return jax.tree.map(lambda t: t / num_batches, total)
 
   def init_fn(variables, rng):
-    params, batch_stats = variables['params'], variables['batch_stats']
-    trainable, frozen = params_lib.split_by(
-      adapt, params, batch_stats, who='eata'
+    state = grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='eata'
     )
-    fisher = fisher_of(trainable, frozen, batch_stats) if use_fisher else {}
-    return base.AdaptState(
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=optimizer.init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    parts = grad_step.split(state, adapt)
+    fisher = (
+      fisher_of(parts.trainable, parts.frozen, state.batch_stats)
+      if use_fisher
+      else {}
+    )
+    k = num_classes or _num_classes(state.params)
+    return state._replace(
       extra=EataState(
-        probs=jnp.zeros([num_classes or _num_classes(params)], jnp.float32),
+        probs=jnp.zeros([k], jnp.float32),
         initialised=jnp.zeros([], bool),
         fisher=fisher,
-        anchor=trainable if use_fisher else {},
-      ),
+        anchor=parts.trainable if use_fisher else {},
+      )
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
     valid = losses.batch_mask(batch)
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    parts = grad_step.split(state, adapt, meta)
     ex = state.extra
 
-    def loss_fn(trainable):
-      out = apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        batch['image'],
-        use_batch_stats=True,
-        mask=batch.get('mask'),
-      )
+    def loss_fn(params):
+      out = grad_step.batch_forward(apply_fn, params, state, batch)
       if out.logits.shape[-1] != ex.probs.shape[-1]:
         raise ValueError(
           f'eata: the logits have {out.logits.shape[-1]} classes but m has '
           f'{ex.probs.shape[-1]}: pass num_classes=K to eata/eta.'
         )
-      e0 = margin_e0 * math.log(out.logits.shape[-1])
+      e0 = losses.entropy_margin(margin_e0, out.logits.shape[-1])
       entropy = losses.softmax_entropy(out.logits)  # [B]
       probs = jax.lax.stop_gradient(jax.nn.softmax(out.logits))  # [B, K]
       reliable = valid & (entropy < e0)
@@ -176,37 +172,34 @@ def eata(
       weight = 1.0 / jnp.exp(jax.lax.stop_gradient(entropy) - e0)
       loss = losses.masked_mean(weight * entropy, selected)
       if use_fisher:
+        trainable = params_lib.split(params, adapt(params, state.batch_stats))
         loss += fisher_alpha * sum(
           jnp.sum(f * jnp.square(p - a))
           for f, p, a in zip(
             jax.tree.leaves(ex.fisher),
-            jax.tree.leaves(trainable),
+            jax.tree.leaves(trainable[0]),
             jax.tree.leaves(ex.anchor),
             strict=True,
           )
         )
       return loss, (out.logits, probs, reliable, selected)
 
-    grad_fn = meta_lib.inner_value_and_grad(
-      loss_fn, has_aux=True, first_order=first_order
+    step = grad_step.masked_grad_step(
+      loss_fn, parts, optimizer, has_aux=True, first_order=first_order
     )
-    (loss, (logits, probs, reliable, selected)), grads = grad_fn(trainable)
-    updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-
+    loss, (logits, probs, reliable, selected) = step.value
     n_selected = jnp.sum(selected)
     update = n_selected > 0
-    keep = lambda new, old: jnp.where(update, new, old)
     mean_p = losses.masked_mean(probs, selected[:, None], axis=0)  # [K]
     new_probs = jnp.where(ex.initialised, 0.9 * ex.probs + 0.1 * mean_p, mean_p)
-    new_state = state._replace(
-      params=params_lib.merge(
-        jax.tree.map(keep, new_trainable, trainable), frozen
-      ),
-      opt_state=jax.tree.map(keep, new_opt_state, opt_state),
-      step=state.step + 1,
+    new_state = grad_step.commit(
+      state,
+      parts,
+      step.trainable,
+      step.opt_state,
+      keep=update,
       extra=ex._replace(
-        probs=keep(new_probs, ex.probs),
+        probs=jnp.where(update, new_probs, ex.probs),
         initialised=ex.initialised | update,
       ),
     )
@@ -228,6 +221,7 @@ def eta(
   margin_e0: float = 0.4,
   d_margin: float = 0.05,
   num_classes: int | None = None,
+  mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """ETA (Niu et al., ICML 2022): EATA without the Fisher term.
 
@@ -242,6 +236,7 @@ def eta(
     d_margin=d_margin,
     fisher_alpha=0.0,
     num_classes=num_classes,
+    mixed_bn_alpha=mixed_bn_alpha,
   )
 
 

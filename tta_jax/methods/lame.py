@@ -12,7 +12,6 @@ feature space are pulled towards the same prediction.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from tta_jax._src import base, losses, params as params_lib
 
@@ -33,14 +32,15 @@ def lame(
   """LAME (Boudiaf et al., CVPR 2022): output-only Laplacian adjustment.
 
   The model runs in source mode (BN with the source statistics, as the
-  official code and MD's `lame.py` call `model.eval()`); the chosen
+  official code and MD's `lame.py` (Marsden & Doebler's benchmark code)
+  call `model.eval()`); the chosen
   `features` are L2-normalised; padding rows are neither neighbours nor
   neighbours' neighbours, so they never change the valid rows' outputs.
   Nothing but the step counter changes in the state.
 
   Args:
     apply_fn: the model's `ApplyFn`.
-    affinity: `'knn'` (default, as in the spec: W_ij = 1 if j is one of the
+    affinity: `'knn'` (default, as in the paper: W_ij = 1 if j is one of the
       `knn` nearest neighbours of i, self excluded, not symmetric unless
       `force_symmetry`), `'rbf'` (the official code's default:
       exp(-d^2 / (2 s^2)), s = mean distance to the `knn`-th nearest sample
@@ -80,13 +80,7 @@ def lame(
     return 0.5 * (kernel + kernel.T) if force_symmetry else kernel
 
   def init_fn(variables, rng):
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optax.EmptyState(),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-    )
+    return base.init_state(variables, rng)
 
   def step_fn(state, batch, *, meta=None, **extra_args):
     del meta, extra_args

@@ -6,13 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import (
-  augment,
-  base,
-  losses,
-  meta as meta_lib,
-  params as params_lib,
-)
+from tta_jax._src import augment, base, grad_step, losses, params as params_lib
 from tta_jax.models.vision import layers
 
 
@@ -42,30 +36,25 @@ def _sample_fn(
   )
 
   def fn(state, opt_state, image, key):
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
+    parts = grad_step.split(state, adapt)
+    trainable = parts.trainable
 
-    def loss_fn(trainable, views):
-      logits = apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        views,
-        bn_mode=bn_mode,
-      ).logits
-      return losses.marginal_entropy(logits, axis=0)
+    def loss_fn(params, views):
+      logits = apply_fn(params, state.batch_stats, views, bn_mode=bn_mode)
+      return losses.marginal_entropy(logits.logits, axis=0)
 
-    grad_fn = meta_lib.inner_value_and_grad(loss_fn, first_order=first_order)
+    grad_fn = grad_step.value_and_grad(loss_fn, parts, first_order=first_order)
     first_loss = None
     for s in range(steps):
       keys = jax.random.split(jax.random.fold_in(key, s), num_augmentations)
       views = jax.vmap(view_fn, (0, None))(keys, image)  # [N, H, W, C]
       loss, grads = grad_fn(trainable, views)
       first_loss = loss if first_loss is None else first_loss
-      updates, opt_state = optimizer.update(grads, opt_state, trainable)
-      trainable = optax.apply_updates(trainable, updates)
+      trainable, opt_state = grad_step.update(
+        optimizer, grads, opt_state, trainable
+      )
     logits = apply_fn(
-      params_lib.merge(trainable, frozen),
+      parts.merge(trainable),
       state.batch_stats,
       image[None],
       bn_mode=bn_mode,
@@ -100,7 +89,8 @@ def memo(
 
   BN layers use BN-alpha (Schneider et al. 2020), the weighted mix of the
   source statistics and those of the current forward (the views while
-  adapting, the single test image when predicting), as MD runs MEMO and as
+  adapting, the single test image when predicting), as MD (Marsden &
+  Doebler's test-time-adaptation benchmark code) runs MEMO and as
   MEMO's own ImageNet code does with its "prior" BN; the batch variance is
   the unbiased one, as PyTorch's running variance is. (MEMO's CIFAR models
   use GroupNorm, where this choice does not arise.)
@@ -149,21 +139,14 @@ def memo(
   )
 
   def init_fn(variables, rng):
-    trainable, _ = params_lib.split_by(
-      adapt, variables['params'], variables['batch_stats'], who='memo'
-    )
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optimizer.init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    return grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='memo'
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
     images = batch['image']
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    opt_state = grad_step.inject_meta_hyperparams(state.opt_state, meta)
     one = _sample_fn(apply_fn, optimizer, first_order=first_order, **hyper)
     key = jax.random.fold_in(state.rng, state.step)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(

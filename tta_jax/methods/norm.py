@@ -3,13 +3,13 @@
 Normalise with the test batch's statistics instead of the source ones
 (Nado et al. 2020, "prediction-time BN"), optionally mixed with the source
 statistics as a prior (Schneider et al. 2020: weight N/(N+n) on the source
-for prior strength N and batch size n; or a fixed weight, MD's BN-alpha), or
+for prior strength N and batch size n; or a fixed weight, the BN-alpha of
+MD, Marsden & Doebler's test-time-adaptation benchmark code), or
 tracked by an exponential moving average across the stream (BN-EMA).
 """
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from tta_jax._src import base, losses, params as params_lib
 from tta_jax.models.vision import layers
@@ -52,13 +52,7 @@ def norm(
     raise ValueError(f'norm: source_weight must be in [0, 1]: {source_weight}')
 
   def init_fn(variables, rng):
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optax.EmptyState(),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-    )
+    return base.init_state(variables, rng)
 
   def step_fn(state, batch, *, meta=None, **extra_args):
     del meta, extra_args

@@ -10,7 +10,6 @@ images with its own on strongly augmented copies, each sample weighted by
 its age.
 """
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -21,27 +20,18 @@ import optax
 from tta_jax._src import (
   augment,
   base,
+  grad_step,
   losses,
-  meta as meta_lib,
+  memory_bank,
   params as params_lib,
 )
 from tta_jax.models.vision import layers
 
 
-class MemoryBank(NamedTuple):
-  """CSTU's fixed-size store (slot order carries no meaning)."""
-
-  images: jax.Array  # [N, H, W, C] stored test images
-  labels: jax.Array  # [N] int32 teacher pseudo-labels
-  uncertainty: jax.Array  # [N] entropy of the teacher's prediction
-  age: jax.Array  # [N] int32 samples seen since insertion (counting its own)
-  valid: jax.Array  # [N] bool, False on empty slots
-
-
 class RottaState(NamedTuple):
   student: Any  # the student's adapted parameters (the optimizer's subset)
   student_stats: Any  # the student's RBN statistics
-  memory: MemoryBank
+  memory: memory_bank.MemoryBank
   seen: jax.Array  # int32: valid test samples seen so far
 
 
@@ -116,31 +106,24 @@ def rotta(
   rbn = layers.BNMode(source_weight=1.0 - alpha)
 
   def init_fn(variables, rng):
-    params, stats = variables['params'], variables['batch_stats']
-    student, _ = params_lib.split_by(adapt, params, stats, who='rotta')
+    state = grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='rotta'
+    )
     extra = RottaState(
-      student=student,
-      student_stats=stats,
-      memory=memory_init(memory_size, input_shape),
+      student=grad_step.split(state, adapt).trainable,
+      student_stats=state.batch_stats,
+      memory=memory_bank.init(memory_size, input_shape),
       seen=jnp.zeros([], jnp.int32),
     )
-    return base.AdaptState(
-      params=params,
-      batch_stats=stats,
-      opt_state=optimizer.init(student),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-      extra=extra,
-    )
+    return state._replace(extra=extra)
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
     images = jnp.asarray(batch['image'])
     size = images.shape[0]
     valid = losses.batch_mask(batch)
-    teacher, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
+    parts = grad_step.split(state, adapt, meta)
+    teacher, frozen = parts.trainable, parts.frozen
     out = apply_fn(state.params, state.batch_stats, images)
     probs = jax.nn.softmax(out.logits, axis=-1)
     uncertainty = -jnp.sum(probs * jnp.log(probs + 1e-6), axis=-1)
@@ -149,7 +132,7 @@ def rotta(
     # 1. The bank's bookkeeping, sample by sample; images are placed later.
     def admit(bank, row):
       label, unc, active = row
-      bank, slot, accepted = _cstu_add(
+      bank, slot, accepted = memory_bank.add_with_slot(
         bank,
         None,
         label,
@@ -179,7 +162,7 @@ def rotta(
         seen[i] - seen[jnp.maximum(last, 0)] + 1,
         jnp.where(ex.memory.valid, ex.memory.age + seen[i] - ex.seen, 0),
       )
-      return MemoryBank(
+      return memory_bank.MemoryBank(
         images=jnp.where(
           new[:, None, None, None],
           images[jnp.maximum(last, 0)].astype(ex.memory.images.dtype),
@@ -207,11 +190,11 @@ def rotta(
       strong = augment.cotta_augment(
         key, memory.images, strength=augment_strength
       )
-      weights = timeliness_weights(memory.age, memory_size)
+      weights = memory_bank.timeliness_weights(memory.age, memory_size)
 
-      def loss_fn(student):
+      def loss_fn(params):
         o = apply_fn(
-          params_lib.merge(student, frozen),
+          params,
           s_stats,
           strong,
           bn_mode=rbn,
@@ -222,12 +205,13 @@ def rotta(
         )
         return losses.masked_mean(ce * weights, memory.valid), o.batch_stats
 
-      grad_fn = meta_lib.inner_value_and_grad(
-        loss_fn, has_aux=True, first_order=first_order
+      grad_fn = grad_step.value_and_grad(
+        loss_fn, parts, has_aux=True, first_order=first_order
       )
       (loss, s_stats), grads = grad_fn(student)
-      updates, opt_state = optimizer.update(grads, opt_state, student)
-      student = optax.apply_updates(student, updates)
+      student, opt_state = grad_step.update(
+        optimizer, grads, opt_state, student
+      )
       teacher = jax.tree.map(
         lambda t, s: (1.0 - nu) * t + nu * s, teacher, student
       )
@@ -235,9 +219,8 @@ def rotta(
 
     fire = valid & (seen % update_frequency == 0)
     order = jnp.cumsum(fire.astype(jnp.int32))
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
     models = (teacher, state.batch_stats, ex.student, ex.student_stats,
-              opt_state)  # fmt: skip
+              parts.opt_state)  # fmt: skip
 
     def maybe_update(u, carry):
       i = jnp.argmax(fire & (order == u + 1))  # the u-th firing sample
@@ -269,114 +252,3 @@ def rotta(
     return new_state, base.StepOutput(out.logits, metrics)
 
   return base.Adapter(init_fn, step_fn, adapt)
-
-
-def timeliness_weights(age: jax.Array, capacity: int) -> jax.Array:
-  """E(a) = exp(-a) / (1 + exp(-a)) with a = age / capacity."""
-  return jax.nn.sigmoid(-age.astype(jnp.float32) / capacity)
-
-
-def memory_init(
-  capacity: int, input_shape: Sequence[int], dtype=jnp.float32
-) -> MemoryBank:
-  """An empty bank of `capacity` slots for images of `input_shape`."""
-  return MemoryBank(
-    images=jnp.zeros((capacity, *input_shape), dtype),
-    labels=jnp.zeros((capacity,), jnp.int32),
-    uncertainty=jnp.zeros((capacity,), jnp.float32),
-    age=jnp.zeros((capacity,), jnp.int32),
-    valid=jnp.zeros((capacity,), bool),
-  )
-
-
-def memory_add(
-  memory: MemoryBank,
-  image: jax.Array,
-  label: jax.Array,
-  uncertainty: jax.Array,
-  *,
-  num_classes: int,
-  lambda_t: float = 1.0,
-  lambda_u: float = 1.0,
-  active: jax.Array | bool = True,
-) -> MemoryBank:
-  """CSTU's `add_instance`: insert, maybe evicting, then age every item.
-
-  With N slots and K classes, the quota is N / K per class. A sample whose
-  class is under quota goes into a free slot, or, in a full bank, replaces
-  the highest-scoring item of the majority classes; a sample whose class is
-  at quota replaces that class's highest-scoring item. Replacement happens
-  only when that score beats the newcomer's; the score is
-  `lambda_t / (1 + exp(-age / N)) + lambda_u * uncertainty / log K`, and
-  ties go, as in the official list scan, to the highest class index, then
-  the most recent item. Every stored item (the newcomer included) then ages
-  by one, whether the newcomer was kept or not. With `active` False (a
-  padding row) the bank is returned unchanged.
-  """
-  return _cstu_add(
-    memory,
-    image,
-    label,
-    uncertainty,
-    active=active,
-    num_classes=num_classes,
-    lambda_t=lambda_t,
-    lambda_u=lambda_u,
-  )[0]
-
-
-def _cstu_add(
-  memory, image, label, uncertainty, *, active, num_classes, lambda_t, lambda_u
-):
-  """`memory_add` that also returns `(slot, accepted)`; `image` may be None."""
-  capacity = memory.valid.shape[0]
-  per_class = capacity / num_classes
-  log_k = math.log(num_classes)
-  valid = memory.valid
-  counts = jnp.sum(
-    jax.nn.one_hot(memory.labels, num_classes, dtype=jnp.int32)
-    * valid[:, None],
-    axis=0,
-  )  # [K]
-  under_quota = counts[label] < per_class
-  free = under_quota & (jnp.sum(valid) < capacity)
-  majority = counts == jnp.max(counts)
-  candidates = valid & jnp.where(
-    under_quota, majority[memory.labels], memory.labels == label
-  )
-  score = (
-    lambda_t * jax.nn.sigmoid(memory.age.astype(jnp.float32) / capacity)
-    + lambda_u * memory.uncertainty / log_k
-  )
-  new_score = 0.5 * lambda_t + lambda_u * uncertainty / log_k
-  best = jnp.max(jnp.where(candidates, score, -jnp.inf))
-  tied = candidates & (score == best)
-  top_class = jnp.max(jnp.where(tied, memory.labels, -1))
-  tied = tied & (memory.labels == top_class)
-  victim = jnp.argmin(jnp.where(tied, memory.age, jnp.iinfo(jnp.int32).max))
-  evict = jnp.any(candidates) & (best > new_score)
-  # (The official code also accepts when no candidate exists, which cannot
-  # happen outside the free case.)
-  active = jnp.asarray(active, bool)
-  accept = (free | evict) & active
-  slot = jnp.where(free, jnp.argmin(valid), victim)
-
-  def put(field, value):
-    if field is None:
-      return None
-    value = jnp.asarray(value, field.dtype)
-    return field.at[slot].set(jnp.where(accept, value, field[slot]))
-
-  added = MemoryBank(
-    images=put(memory.images, image),
-    labels=put(memory.labels, label),
-    uncertainty=put(memory.uncertainty, uncertainty),
-    age=put(memory.age, 0),
-    valid=put(memory.valid, True),
-  )
-  aged = added.valid & active
-  return (
-    added._replace(age=added.age + aged.astype(jnp.int32)),
-    slot,
-    accept,
-  )

@@ -1,13 +1,13 @@
 """SAR: sharpness-aware and reliable entropy minimisation."""
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax import models
+from tta_jax._src import base, grad_step, losses, params as params_lib
 
 
 class SarState(NamedTuple):
@@ -27,6 +27,7 @@ def sar(
   reset_constant: float = 0.2,
   ema_momentum: float = 0.9,
   clear_ema_on_recovery: bool = True,
+  mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """SAR (Niu et al., ICLR 2023): SAM on the entropy of reliable samples.
 
@@ -64,9 +65,12 @@ def sar(
     rho: SAM's neighbourhood radius.
     reset_constant: e_m, the recovery threshold (`sar.py` hard-codes 0.2).
     ema_momentum: m of the loss EMA.
-    clear_ema_on_recovery: True (spec, MD) clears the EMA on recovery. False
+    clear_ema_on_recovery: True (as MD, Marsden & Doebler's benchmark code)
+      clears the EMA on recovery. False
       reproduces `sar.py`, whose `forward` writes the returned EMA back after
       `reset()` cleared it, so the low EMA survives the recovery.
+    mixed_bn_alpha: None normalises with the test batch; a weight in [0, 1]
+      on the source statistics uses Meta-TTT's mixed BN instead.
 
   Returns:
     An `Adapter`; metrics `loss`, `loss_second`, `n_reliable`,
@@ -79,57 +83,46 @@ def sar(
   if rho < 0:
     raise ValueError(f'sar: rho must be >= 0, got {rho}')
 
+  apply_fn = models.with_mixed_bn(apply_fn, mixed_bn_alpha)
+
   def init_fn(variables, rng):
-    trainable, _ = params_lib.split_by(
-      adapt, variables['params'], variables['batch_stats'], who='sar'
+    state = grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='sar'
     )
-    opt_state = optimizer.init(trainable)
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=opt_state,
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    return state._replace(
       extra=SarState(
         ema=jnp.zeros([], jnp.float32),
         has_ema=jnp.zeros([], bool),
-        params0=trainable,
-        opt_state0=opt_state,
-      ),
+        params0=grad_step.split(state, adapt).trainable,
+        opt_state0=state.opt_state,
+      )
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    parts = grad_step.split(state, adapt, meta)
     ex = state.extra
 
-    def loss_fn(trainable, candidates):
-      out = apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        batch['image'],
-        use_batch_stats=True,
-        mask=batch.get('mask'),
-      )
+    def loss_fn(params, candidates):
+      out = grad_step.batch_forward(apply_fn, params, state, batch)
       entropy = losses.softmax_entropy(out.logits)  # [B]
-      e0 = margin_e0 * math.log(out.logits.shape[-1])
+      e0 = losses.entropy_margin(margin_e0, out.logits.shape[-1])
       selected = candidates & (entropy < e0)
       return losses.masked_mean(entropy, selected), (out.logits, selected)
 
-    grad_fn = meta_lib.inner_value_and_grad(
-      loss_fn, has_aux=True, first_order=first_order
+    grad_fn = grad_step.value_and_grad(
+      loss_fn, parts, has_aux=True, first_order=first_order
     )
+    trainable = parts.trainable
     (loss, (logits, reliable)), grads = grad_fn(
       trainable, losses.batch_mask(batch)
     )
     scale = rho / (optax.tree.norm(grads) + 1e-12)
     perturbed = jax.tree.map(lambda p, g: p + g * scale, trainable, grads)
     (loss2, (_, selected)), grads2 = grad_fn(perturbed, reliable)
-    updates, new_opt_state = optimizer.update(grads2, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
+    new_trainable, new_opt_state = grad_step.update(
+      optimizer, grads2, parts.opt_state, trainable
+    )
 
     has_loss2 = jnp.any(selected)
     loss2_value = jax.lax.stop_gradient(loss2)
@@ -145,12 +138,11 @@ def sar(
     if clear_ema_on_recovery:
       ema = jnp.where(recover, 0.0, ema)
       has_ema = has_ema & ~recover
-    new_state = state._replace(
-      params=params_lib.merge(
-        jax.tree.map(back, ex.params0, new_trainable), frozen
-      ),
-      opt_state=jax.tree.map(back, ex.opt_state0, new_opt_state),
-      step=state.step + 1,
+    new_state = grad_step.commit(
+      state,
+      parts,
+      jax.tree.map(back, ex.params0, new_trainable),
+      jax.tree.map(back, ex.opt_state0, new_opt_state),
       extra=ex._replace(ema=ema, has_ema=has_ema),
     )
     metrics = {

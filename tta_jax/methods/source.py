@@ -1,8 +1,5 @@
 """Source: the unadapted model, normalising with its source statistics."""
 
-import jax.numpy as jnp
-import optax
-
 from tta_jax._src import base, params as params_lib
 
 
@@ -17,13 +14,7 @@ def source(apply_fn) -> base.Adapter:
   """
 
   def init_fn(variables, rng):
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optax.EmptyState(),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-    )
+    return base.init_state(variables, rng)
 
   def step_fn(state, batch, *, meta=None, **extra_args):
     del meta, extra_args

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from tta_jax._src import base, losses, params as params_lib
 
@@ -97,14 +96,7 @@ def t3a(
       losses.softmax_entropy(warmup_logits),
       jnp.ones((num_classes,), bool),
     )
-    return base.AdaptState(
-      params=params,
-      batch_stats=variables['batch_stats'],
-      opt_state=optax.EmptyState(),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
-      extra=extra,
-    )
+    return base.init_state(variables, rng, extra=extra)
 
   def step_fn(state, batch, *, meta=None, **extra_args):
     del meta, extra_args

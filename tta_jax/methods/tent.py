@@ -1,9 +1,9 @@
 """Tent: fully test-time adaptation by entropy minimisation."""
 
-import jax.numpy as jnp
 import optax
 
-from tta_jax._src import base, losses, meta as meta_lib, params as params_lib
+from tta_jax import models
+from tta_jax._src import base, grad_step, losses, params as params_lib
 
 
 def tent(
@@ -12,6 +12,7 @@ def tent(
   *,
   adapt: params_lib.MaskFn = params_lib.bn_affine,
   steps: int = 1,
+  mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """Tent (Wang et al., ICLR 2021): minimise prediction entropy on BN affine.
 
@@ -29,6 +30,8 @@ def tent(
       `meta={'log_learning_rate': ...}`.
     adapt: mask of the adapted parameters (BN scale and bias).
     steps: optimizer steps per batch.
+    mixed_bn_alpha: None normalises with the test batch; a weight in [0, 1]
+      on the source statistics uses Meta-TTT's mixed BN instead.
 
   Returns:
     An `Adapter`.
@@ -39,49 +42,31 @@ def tent(
   """
   if steps < 1:
     raise ValueError(f'tent: steps must be >= 1, got {steps}')
+  apply_fn = models.with_mixed_bn(apply_fn, mixed_bn_alpha)
 
   def init_fn(variables, rng):
-    trainable, _ = params_lib.split_by(
-      adapt, variables['params'], variables['batch_stats'], who='tent'
-    )
-    return base.AdaptState(
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=optimizer.init(trainable),
-      rng=rng,
-      step=jnp.zeros([], jnp.int32),
+    return grad_step.init_state(
+      variables, rng, adapt=adapt, optimizer=optimizer, who='tent'
     )
 
   def step_fn(state, batch, *, meta=None, first_order=False, **extra_args):
     del extra_args
-    mask = batch.get('mask')
-    trainable, frozen = params_lib.split(
-      state.params, adapt(state.params, state.batch_stats)
-    )
-    opt_state = meta_lib.inject_meta_hyperparams(state.opt_state, meta)
+    parts = grad_step.split(state, adapt, meta)
 
-    def loss_fn(trainable):
-      out = apply_fn(
-        params_lib.merge(trainable, frozen),
-        state.batch_stats,
-        batch['image'],
-        use_batch_stats=True,
-        mask=mask,
-      )
-      return losses.masked_mean(losses.softmax_entropy(out.logits), mask), out
+    def loss_fn(params):
+      out = grad_step.batch_forward(apply_fn, params, state, batch)
+      entropy = losses.softmax_entropy(out.logits)
+      return losses.masked_mean(entropy, batch.get('mask')), out
 
-    grad_fn = meta_lib.inner_value_and_grad(
-      loss_fn, has_aux=True, first_order=first_order
-    )
+    trainable, opt_state = parts.trainable, parts.opt_state
     for _ in range(steps):
-      (loss, out), grads = grad_fn(trainable)
-      updates, opt_state = optimizer.update(grads, opt_state, trainable)
-      trainable = optax.apply_updates(trainable, updates)
-    new_state = state._replace(
-      params=params_lib.merge(trainable, frozen),
-      opt_state=opt_state,
-      step=state.step + 1,
-    )
+      (loss, out), grads = grad_step.value_and_grad(
+        loss_fn, parts, has_aux=True, first_order=first_order
+      )(trainable)
+      trainable, opt_state = grad_step.update(
+        optimizer, grads, opt_state, trainable
+      )
+    new_state = grad_step.commit(state, parts, trainable, opt_state)
     return new_state, base.StepOutput(out.logits, {'entropy': loss})
 
   return base.Adapter(init_fn, step_fn, adapt)

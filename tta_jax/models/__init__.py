@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tta_jax.models.vision import cifar, digits, layers, resnet
-from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode
+from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode, mixed_bn
 
 __all__ = [
   'BATCH',
@@ -24,9 +24,14 @@ __all__ = [
   'ModelOutput',
   'ApplyFn',
   'build',
+  'from_config',
   'init_variables',
   'make_apply_fn',
+  'restrict_classes',
+  'mixed_bn',
   'layers',
+  'with_batch_bn',
+  'with_mixed_bn',
 ]
 
 
@@ -53,6 +58,12 @@ def build(name: str, **kwargs) -> nn.Module:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid: {sorted(MODELS)}')
   return MODELS[name](**kwargs)
+
+
+def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
+  """`build` from a config: `{'name': ..., **keyword arguments}`."""
+  kwargs = {k: v for k, v in dict(model_config).items() if k != 'name'}
+  return build(model_config['name'], num_classes=num_classes, **kwargs)
 
 
 def _check_images(images, input_shape: Sequence[int] | None):
@@ -140,6 +151,35 @@ def with_batch_bn(apply_fn: ApplyFn, mode: BNMode) -> ApplyFn:
     return apply_fn(params, batch_stats, images, bn_mode=bn_mode, **kw)
 
   return apply
+
+
+def with_mixed_bn(apply_fn: ApplyFn, alpha: float | None) -> ApplyFn:
+  """`apply_fn` whose test-batch BN is Meta-TTT's mixed BN with weight
+  `alpha` on the source statistics (`mixed_bn`); None leaves it as it is.
+
+  The `mixed_bn_alpha` option of the methods that normalise with the test
+  batch (Tent, EATA, ETA, SAR, CoTTA): 1 is source BN, 0 test-batch BN.
+  """
+  if alpha is None:
+    return apply_fn
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f'mixed_bn_alpha must be in [0, 1], got {alpha}')
+  return with_batch_bn(apply_fn, mixed_bn(float(alpha)))
+
+
+def restrict_classes(apply_fn: ApplyFn, subset) -> ApplyFn:
+  """An `apply_fn` whose logits are those of `subset` (ImageNet-R/A).
+
+  Methods then adapt on, and are scored on, the benchmark's classes only,
+  as the reference benchmarks do.
+  """
+  subset = jnp.asarray(subset)
+
+  def restricted(*args, **kwargs):
+    out = apply_fn(*args, **kwargs)
+    return out._replace(logits=out.logits[:, subset])
+
+  return restricted
 
 
 def init_variables(

@@ -1,5 +1,18 @@
 """Trainers: everything that learns before test time.
 
-See `tta_jax.trainers.base` for the contract (`TrainContext ->
-TrainResult`).
+A trainer is a function `TrainContext -> TrainResult` (`trainers.base`)
+registered here by the name of the method whose artifacts it makes:
+`experiments.meta_train_main` runs the trainers of `config.meta_methods`,
+and `experiments.adapt_main` evaluates the method on what they learned.
+Source training (`trainers.source`) is the recipe every source model (and
+GeneralizeFormer's meta-source backbones) is trained with.
 """
+
+from collections.abc import Callable
+
+from tta_jax.trainers import base, generalizeformer, meta_ttt
+
+TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
+  'meta_ttt': meta_ttt.train,
+  'generalizeformer': generalizeformer.train,
+}

@@ -9,9 +9,12 @@ experiment config or works out a runner's directory layout. The runner
 saves the result where the adaptation runner finds it.
 """
 
+import math
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
+
+from absl import logging
 
 
 class TrainContext(NamedTuple):
@@ -57,3 +60,21 @@ class TrainResult(NamedTuple):
   variables: Any = None  # a trained backbone replacing the source, or None
   model: dict | None = None  # its model config, if it differs
   metrics: dict = {}  # final scalars (losses, validation accuracy)
+
+
+def log_progress(
+  name: str, done: int, total: int, metrics, seconds: float, hint: str
+) -> dict[str, float]:
+  """Logs a meta-trainer's metrics; a non-finite one stops training.
+
+  Returns the metrics as floats. `hint` says what to change when a metric
+  is not finite.
+  """
+  metrics = {k: float(v) for k, v in metrics.items()}
+  if not all(math.isfinite(v) for v in metrics.values()):
+    raise FloatingPointError(
+      f'{name}: non-finite meta-training metrics at step {done}: '
+      f'{metrics}; {hint}'
+    )
+  logging.info('%s step %d/%d: %s (%.1fs)', name, done, total, metrics, seconds)
+  return metrics

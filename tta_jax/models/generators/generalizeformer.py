@@ -4,7 +4,7 @@ The generated parameters (BN scale/bias, classifier weights; any leaves) are
 cut into tokens: a leaf is read as rows (a vector is one row; a kernel
 `[..., out]` has one row per output unit, e.g. one per class for the
 classifier), and every row is cut into `token_width`-wide chunks, the last
-one zero-padded. Each token fuses three streams (spec A.3):
+one zero-padded. Each token fuses three streams:
 
   token_j = W_in concat(p_j, g_j, z) + e_type(j) + e_pos(j)
 
@@ -130,7 +130,7 @@ def from_tokens(tokens, specs: Sequence[LeafSpec], token_width: int):
 
 
 def normalize_grads(grads, specs, mode: str):
-  """Rescales the gradient stream (spec A.9-8; see `ParamGenerator`)."""
+  """Rescales the gradient stream (see `ParamGenerator.grad_norm`)."""
   if mode == 'none':
     return grads
   if mode == 'global_rms':
@@ -223,7 +223,8 @@ class ParamGenerator(nn.Module):
       code: 8 layers, 512, 2 heads, FF 512, dropout 0.1).
     token_width: chunk width of a token (512; pads to it, chunks beyond).
     fusion: 'concat' (one input projection of the concatenated streams, the
-      spec's recommendation) or 'sum' (one projection per stream, summed).
+      default: the streams interact from the first layer) or 'sum' (one
+      projection per stream, summed).
     use_grads, use_features: include the gradient / feature stream (the
       paper's ablations drop them).
     grad_norm: 'none' (raw gradients, the official code), 'global_rms'

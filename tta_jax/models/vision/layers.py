@@ -45,6 +45,18 @@ class BNMode(NamedTuple):
 BATCH = BNMode()
 
 
+def mixed_bn(alpha: float | None = None) -> BNMode:
+  """Meta-TTT's BN: unbiased batch variance and the exact mixture variance.
+
+  `alpha` is the weight of the source statistics: None uses each layer's
+  learned per-channel `alpha` (a model built with `bn_alpha_init`); a float
+  fixes it for every layer (1: source BN, 0: test-batch BN).
+  """
+  if alpha is None:
+    return BNMode(ddof=1, mixture_variance=True, learned_weight=True)
+  return BNMode(source_weight=alpha, ddof=1, mixture_variance=True)
+
+
 def masked_moments(x: jax.Array, mask: jax.Array | None, ddof: int = 0):
   """Per-channel mean and variance over all axes but the last.
 

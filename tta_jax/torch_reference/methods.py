@@ -1,7 +1,7 @@
-"""PyTorch reference implementations for the parity tests (test-only code).
+"""PyTorch reference implementations for the parity tests and step timings.
 
-Re-implementations, written for these tests, of the official algorithms as
-the spec describes them, with the official code's quirks kept:
+Re-implementations, written for the parity tests, of the official
+algorithms, with the official code's quirks kept:
 
 - Tent (`DequanWang/tent/tent.py`): one optimizer step per batch on the
   batch-mean softmax entropy; the returned logits are the pre-update ones.

@@ -10,8 +10,8 @@ MNIST is the source. Its 5,000 digits are split, stratified and seeded, into
 source-train / source-val / test. The UCI digits are resampled to MNIST's
 framing (the digit's 8x8 box upsampled bilinearly to 20x20 and centred in a
 28x28 canvas, as MNIST centres its 20x20 digits) and serve as a target domain
-beside the synthetic shifts of `tta_jax.data.corruptions`. Arrays are cached
-as `.npz` under `$TTA_JAX_CACHE` (default `~/.cache/tta_jax`).
+beside the synthetic shifts of `tta_jax.data.images.corruptions`. Arrays are
+cached as `.npz` under `$TTA_JAX_CACHE` (default `~/.cache/tta_jax`).
 """
 
 import os

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from tta_jax.data import image_folder, sources
+from tta_jax.data import sources
+from tta_jax.data.images import image_folder
 
 
 def _not_prepared(

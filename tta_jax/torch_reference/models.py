@@ -1,7 +1,7 @@
-"""PyTorch reference architectures for the conversion tests (test-only code).
+"""PyTorch reference architectures for the conversion tests and step timings.
 
-Written for these tests with the originals' module names, so their state
-dicts have the keys of the released checkpoints:
+Written for the conversion tests with the originals' module names, so their
+state dicts have the keys of the released checkpoints:
 
 - `WideResNet`: RobustBench `model_zoo/architectures/wide_resnet.py`
   (`Standard`): pre-activation blocks whose 1x1 `convShortcut` reads the
@@ -12,7 +12,7 @@ dicts have the keys of the released checkpoints:
 - `ResNet`: torchvision `models/resnet.py` (V1.5: the stride sits on the 3x3
   convolution of the bottleneck), `downsample = Sequential(conv1x1, bn)`.
 
-Inputs are NCHW and already normalised: the tests apply the mean/std that
+Inputs are NCHW and already normalised: callers apply the mean/std that
 the tta_jax models apply internally.
 """
 

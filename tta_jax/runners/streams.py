@@ -1,0 +1,467 @@
+"""Stream execution: init, compile, loop, resume, vmap and sharding.
+
+`run_streams` runs K streams of identical batch structure (K > 1 is one
+vmapped program): it builds the initial state, compiles the method's step
+once (state donated), reads each batch on the host, steps, and keeps the
+per-example scores on the host. It checkpoints the state and the scores
+every `checkpoint_every` batches and on interruption, and a restarted run
+resumes from the last checkpoint with the same numbers as an uninterrupted
+one. Each piece is a small function; `run_streams` is the loop over them.
+"""
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tta_jax._src import checkpoint, metrics, validation
+from tta_jax.data import sources, streams
+
+
+@dataclasses.dataclass
+class StreamResult:
+  """Per-example records of K parallel streams, [K, num_batches, B] each."""
+
+  correct: np.ndarray
+  nll: np.ndarray
+  confidence: np.ndarray
+  domain: np.ndarray
+  valid: np.ndarray
+  seconds: np.ndarray  # [K, num_domains] wall seconds attributed per domain
+  compile_seconds: float = 0.0
+  final_state: Any = None
+
+
+# ----------------------------------------------------------------------------
+# The state of K streams.
+
+
+def stream_axes(adapter, state):
+  """vmap axes of a state for K streams: frozen parameters are shared.
+
+  Parameters outside the method's declared `adapted` mask are identical in
+  every stream, so they stay unbatched: convolutions then see one kernel and
+  a K*B batch instead of K kernels (a grouped convolution). Undeclared
+  methods get every leaf batched.
+  """
+  axes = jax.tree.map(lambda _: 0, state)
+  if adapter.adapted is None:
+    return axes
+  mask = adapter.adapted(state.params, state.batch_stats)
+  return axes._replace(params=jax.tree.map(lambda m: 0 if m else None, mask))
+
+
+def take_stream(adapter, state, i: int):
+  """Stream `i` of a K-stream state laid out by `stream_axes`."""
+  axes = stream_axes(adapter, state)
+  return jax.tree.map(
+    lambda a, x: x if a is None else x[i],
+    axes,
+    state,
+    is_leaf=lambda a: a is None,
+  )
+
+
+def initial_state(adapter, variables, rngs: Sequence[jax.Array]):
+  """`(state0, axes)`: K initial states stacked (axes None when K == 1)."""
+  cache = {}  # one init per distinct key (EATA computes a Fisher in init)
+  inits = []
+  for r in rngs:
+    key = tuple(np.asarray(jax.random.key_data(r)).ravel().tolist())
+    if key not in cache:
+      cache[key] = adapter.init(variables, r)
+    inits.append(cache[key])
+  if len(inits) == 1:
+    return inits[0], None
+  axes = stream_axes(adapter, inits[0])
+  state0 = jax.tree.map(
+    lambda ax, *xs: jnp.stack(xs) if ax == 0 else xs[0],
+    axes,
+    *inits,
+    is_leaf=lambda x: x is None,
+  )
+  return state0, axes
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+# ----------------------------------------------------------------------------
+# The compiled step and the batches it reads.
+
+
+class Shardings:
+  """Each batch split over all devices (batch axis), the state replicated."""
+
+  def __init__(self, batch_axis: int, batch_size: int):
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    if batch_size % mesh.size:
+      raise ValueError(
+        f'shard_batch: batch size {batch_size} is not divisible by the '
+        f'{mesh.size} devices'
+      )
+    self.batch = NamedSharding(mesh, P(*([None] * batch_axis), 'data'))
+    self.replicated = NamedSharding(mesh, P())
+
+
+def make_step(adapter, axes, *, meta, shardings: Shardings | None):
+  """The jitted, state-donating step of K streams, scoring on the device."""
+
+  def body(state, batch):
+    inputs = {key: batch[key] for key in ('image', 'mask')}
+    state, out = adapter.step(state, inputs, meta=meta)
+    return state, metrics.per_example(out.logits, batch['label'])
+
+  fn = body if axes is None else jax.vmap(body, (axes, 0), (axes, 0))
+  if shardings is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  return jax.jit(
+    fn,
+    donate_argnums=(0,),
+    in_shardings=(shardings.replicated, shardings.batch),
+    out_shardings=(shardings.replicated, shardings.batch),
+  )
+
+
+def read_batch(positions, domains, i: int, batch_size: int, shardings):
+  """Batch `i` of every stream, stacked when K > 1, checked, placed."""
+  batches = []
+  for pos in positions:
+    _, dom, idx, _ = pos[i]
+    batch = streams.read_batch(domains, dom, idx, batch_size)
+    validation.check_batch(batch, i)
+    batches.append({key: batch[key] for key in ('image', 'mask', 'label')})
+  if len(batches) == 1:
+    batch = batches[0]
+  else:
+    batch = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  if shardings is not None:
+    batch = jax.device_put(batch, shardings.batch)
+  return batch
+
+
+# ----------------------------------------------------------------------------
+# Host records of the scores.
+
+
+class Records:
+  """The scores of K streams on the host, filled as batches complete."""
+
+  def __init__(self, positions, num_domains: int, batch_size: int):
+    k, num_batches = len(positions), len(positions[0])
+    shape = (k, num_batches, batch_size)
+    self.scores = {
+      'correct': np.zeros(shape, bool),
+      'nll': np.zeros(shape, np.float32),
+      'confidence': np.zeros(shape, np.float32),
+    }
+    self.domain = np.zeros(shape, np.int32)
+    self.valid = np.zeros(shape, bool)
+    for s, pos in enumerate(positions):
+      for i, (_, dom, _, n) in enumerate(pos):
+        self.domain[s, i, :n], self.domain[s, i, n:] = dom, dom[0]
+        self.valid[s, i, :n] = True
+    self.seconds = np.zeros((k, num_domains))
+    self._pending = []  # (batch index, device scores) not yet on the host
+
+  def add(self, i: int, scores) -> None:
+    self._pending.append((i, scores))
+
+  def flush(self) -> None:
+    k, _, b = self.valid.shape
+    for i, out in self._pending:
+      for key in self.scores:
+        self.scores[key][:, i] = np.asarray(out[key]).reshape(k, b)
+    self._pending.clear()
+
+  def running_error(self, upto: int) -> float:
+    valid = self.valid[:, :upto]
+    return float(1 - self.scores['correct'][:, :upto][valid].mean())
+
+  def attribute(self, first: int, last: int, elapsed: float) -> None:
+    """Splits a run's wall time over its domains by example counts."""
+    for s in range(self.seconds.shape[0]):
+      dom = self.domain[s, first:last][self.valid[s, first:last]]
+      if dom.size:
+        counts = np.bincount(dom, minlength=self.seconds.shape[1])
+        self.seconds[s] += elapsed * counts / dom.size
+
+  def result(self, compile_seconds: float, state) -> StreamResult:
+    return StreamResult(
+      self.scores['correct'],
+      self.scores['nll'],
+      self.scores['confidence'],
+      self.domain,
+      self.valid,
+      self.seconds,
+      compile_seconds,
+      state,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+class StreamCheckpoint:
+  """Saves and restores `(state, scores, seconds, next batch)`."""
+
+  def __init__(self, directory: pathlib.Path, every: int):
+    self.every = every
+    self.ckpt = checkpoint.StateCheckpointer(directory)
+    self.seconds = 0.0  # time spent saving, kept out of throughputs
+
+  def restore(self, state0, records: Records, shardings) -> tuple[int, Any]:
+    """`(next batch, state)`; `(0, None)` when there is nothing to resume."""
+    if self.ckpt.latest_step() is None:
+      return 0, None
+    template = {
+      'state': state0,
+      'records': records.scores,
+      'seconds': records.seconds,
+      'next': np.int64(0),
+    }
+    restored = self.ckpt.restore(template)
+    records.scores, records.seconds = restored['records'], restored['seconds']
+    state = restored['state']
+    if shardings is not None:
+      state = jax.device_put(state, shardings.replicated)
+    return int(restored['next']), state
+
+  def save(self, next_index: int, state, records: Records) -> float:
+    """Saves; returns the seconds it took."""
+    t = time.perf_counter()
+    self.ckpt.save(
+      next_index,
+      {
+        'state': state,
+        'records': records.scores,
+        'seconds': records.seconds,
+        'next': np.int64(next_index),
+      },
+    )
+    took = time.perf_counter() - t
+    self.seconds += took
+    return took
+
+  def due(self, done: int) -> bool:
+    return done % self.every == 0
+
+  def close(self) -> None:
+    self.ckpt.close()
+
+
+def _usable(state) -> bool:
+  """False when a donated buffer of `state` was consumed by a failed step."""
+  return state is not None and not any(
+    getattr(x, 'is_deleted', lambda: False)() for x in jax.tree.leaves(state)
+  )
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def run_streams(
+  adapter,
+  variables,
+  plans: Sequence[streams.Plan],
+  domains: Sequence[sources.Domain],
+  *,
+  rngs: Sequence[jax.Array],
+  meta: Any = None,
+  shard_batch: bool = False,
+  checkpoint_dir: pathlib.Path | None = None,
+  checkpoint_every: int = 0,
+  log_every: int = 0,
+  name: str = '',
+) -> StreamResult:
+  """Runs K streams of identical batch structure; K > 1 is one vmap.
+
+  Args:
+    adapter: the method.
+    variables: the source variables.
+    plans: K stream plans (same batch structure).
+    domains: the domains the plans index.
+    rngs: K base keys (one per stream).
+    meta: the method's meta-parameters, if any.
+    shard_batch: shard every batch over all devices (batch axis).
+    checkpoint_dir: where to checkpoint/resume (None: no checkpoints).
+    checkpoint_every: batches between checkpoints (0: never).
+    log_every: batches between progress lines (0: never).
+    name: for log lines.
+
+  Returns:
+    A `StreamResult`.
+  """
+  positions = [streams.batch_positions(p) for p in plans]
+  _check_same_structure(positions)
+  num_batches, b = len(positions[0]), plans[0].batch_size
+  if num_batches == 0:
+    raise ValueError('the stream has no batches (zero examples)')
+  records = Records(positions, len(domains), b)
+  state0, axes = initial_state(adapter, variables, rngs)
+  shardings = None
+  if shard_batch:
+    shardings = Shardings(0 if axes is None else 1, b)
+    state0 = jax.device_put(state0, shardings.replicated)
+  step = make_step(adapter, axes, meta=meta, shardings=shardings)
+
+  def read(i):
+    return read_batch(positions, domains, i, b, shardings)
+
+  ckpt, start, state = None, 0, None
+  if checkpoint_dir is not None and checkpoint_every:
+    ckpt = StreamCheckpoint(checkpoint_dir, checkpoint_every)
+    start, state = ckpt.restore(state0, records, shardings)
+    if state is not None:
+      logging.info('%s: resuming at batch %d/%d', name, start, num_batches)
+
+  t_compile = time.perf_counter()
+  compiled = step.lower(_copy(state0), read(start)).compile()
+  compile_seconds = time.perf_counter() - t_compile
+
+  t_start = time.perf_counter()
+  # A run is the batches since the last reset; its time is attributed to
+  # its domains when it ends. `paused` is the checkpoint time inside it.
+  t_run, run_first, paused = time.perf_counter(), start, 0.0
+  completed = start  # batches whose results are in `state` and `records`
+  try:
+    for i in range(start, num_batches):
+      if positions[0][i][0] or state is None:  # a reset
+        if state is not None and i > run_first:
+          records.flush()
+          records.attribute(run_first, i, time.perf_counter() - t_run - paused)
+        state = _copy(state0)
+        t_run, run_first, paused = time.perf_counter(), i, 0.0
+      state, scores = compiled(state, read(i))
+      records.add(i, scores)
+      completed = i + 1
+      if log_every and completed % log_every == 0:
+        records.flush()
+        seen = records.valid[:, start:completed].sum()
+        saving = ckpt.seconds if ckpt is not None else 0.0
+        logging.info(
+          '%s: batch %d/%d, %.0f examples/s, running error %.2f%%',
+          name,
+          completed,
+          num_batches,
+          seen / (time.perf_counter() - t_start - saving),
+          100 * records.running_error(completed),
+        )
+      if ckpt is not None and ckpt.due(completed):
+        records.flush()
+        paused += ckpt.save(completed, state, records)
+    records.flush()
+    records.attribute(
+      run_first, num_batches, time.perf_counter() - t_run - paused
+    )
+  except BaseException:
+    # Nothing lost on interruption: keep the last consistent position.
+    if ckpt is not None and _usable(state):
+      try:
+        records.flush()
+        ckpt.save(completed, state, records)
+        logging.warning(
+          '%s: interrupted; checkpointed at batch %d', name, completed
+        )
+      except Exception:  # noqa: BLE001 - never mask the original error
+        logging.exception('%s: could not checkpoint on interruption', name)
+    raise
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return records.result(compile_seconds, state)
+
+
+def _check_same_structure(positions: Sequence[list]) -> None:
+  ref = [(r, n) for r, _, _, n in positions[0]]
+  for pos in positions[1:]:
+    if [(r, n) for r, _, _, n in pos] != ref:
+      raise ValueError(
+        'parallel streams need the same batch structure (number of batches, '
+        'resets and padding); these streams differ'
+      )
+
+
+# ----------------------------------------------------------------------------
+# The episodic setting as vmapped streams, and K streams back to K results.
+
+
+def run_per_domain_parallel(
+  adapter, variables, plan, domains, rng, run_kwargs, directory, name
+) -> StreamResult:
+  """The episodic setting as vmapped streams, one per domain.
+
+  Each run of the episodic `plan` (one domain, reset before it) becomes its
+  own stream; runs that share a batch structure (same size) go into one
+  vmapped program. The results are concatenated into one pseudo-stream.
+  """
+  global_plans, groups = [], {}
+  for d, run in enumerate(plan.runs):
+    global_plans.append(streams.Plan([run], plan.batch_size, plan.domain_names))
+    signature = tuple(
+      (r, n) for r, _, _, n in streams.batch_positions(global_plans[-1])
+    )
+    groups.setdefault(signature, []).append(d)
+  parts = []
+  for g, ids in enumerate(groups.values()):
+    parts.append(
+      run_streams(
+        adapter,
+        variables,
+        [global_plans[d] for d in ids],
+        domains,
+        rngs=[rng] * len(ids),
+        checkpoint_dir=directory / f'group{g}',
+        name=f'{name}[{len(ids)} streams]',
+        **run_kwargs,
+      )
+    )
+
+  def cat(key):
+    return np.concatenate(
+      [
+        getattr(r, key).reshape(1, -1, getattr(r, key).shape[-1]) for r in parts
+      ],
+      axis=1,
+    )
+
+  last = parts[-1].final_state
+  return StreamResult(
+    correct=cat('correct'),
+    nll=cat('nll'),
+    confidence=cat('confidence'),
+    domain=cat('domain'),
+    valid=cat('valid'),
+    seconds=sum(r.seconds.sum(0, keepdims=True) for r in parts),
+    compile_seconds=sum(r.compile_seconds for r in parts),
+    final_state=take_stream(adapter, last, -1),
+  )
+
+
+def split_streams(adapter, res: StreamResult) -> list[StreamResult]:
+  """The K streams of a vmapped run as K single-stream results."""
+  out = []
+  for s in range(res.correct.shape[0]):
+    fields = {}
+    for f in dataclasses.fields(res):
+      v = getattr(res, f.name)
+      if isinstance(v, np.ndarray):
+        v = v[s : s + 1]
+      fields[f.name] = v
+    fields['final_state'] = (
+      None
+      if res.final_state is None
+      else take_stream(adapter, res.final_state, s)
+    )
+    out.append(StreamResult(**fields))
+  return out
