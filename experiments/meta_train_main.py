@@ -25,7 +25,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  train.run(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.get('runner') == 'lm':  # language-model configs
+    from tta_jax.runners import lm
+
+    lm.train(FLAGS.config, FLAGS.workdir)
+  else:
+    train.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
