@@ -189,7 +189,7 @@ def get_config(arg=None):
     )
 
   if arg.small:
-    tiny = dict(d_r=16, rank=4, alpha=1.0, window=32)
+    tiny = dict(d_r=16, rank=4, alpha=1.0, window=48)
     for name in ('ga_pretrain', 'generative_adapter'):
       config.method_configs[name].generator.update(tiny)
     config.meta_train.ga_pretrain.update(
@@ -207,8 +207,8 @@ def get_config(arg=None):
       facts_128=dict(**facts, num_episodes=3, people_per_episode=1),
       icl_1=dict(task='icl', num_episodes=2, shots=1, questions_per_episode=1),
     )
-    config.text.update(max_docs=2, max_windows_per_doc=2, window=32)
-    config.chunk_tokens = 32
+    config.text.update(max_docs=2, max_windows_per_doc=2, window=48)
+    config.chunk_tokens = 48
     config.batch_size = 4
     config.max_new_tokens = 4
     config.log_every = 1

@@ -253,3 +253,69 @@ def test_config_is_consistent():
     gen = config.method_configs.generative_adapter.generator
     assert config.chunk_tokens == gen.window
     json.dumps(lm.trainer_settings(config, 'generative_adapter'))
+
+
+def _main(binary, workdir, model_path, *extra):
+  """`python -m experiments.<binary> --config=configs/generative_adapter.py
+  :small --workdir=WORKDIR ...` on a tiny GGUF model; returns its log."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [
+    sys.executable,
+    '-m',
+    f'experiments.{binary}',
+    '--config=configs/generative_adapter.py:small',
+    f'--workdir={workdir}',
+    f'--config.model.source={model_path}',
+    f'--config.model.cache_dir={workdir.parent / "cache"}',
+    '--config.text.corpus=lee',
+    "--config.train_text.corpora=('lee',)",
+    *extra,
+  ]
+  env = {**os.environ, 'PYTHONPATH': str(root)}
+  out = subprocess.run(
+    cmd, cwd=root, env=env, capture_output=True, text=True, check=False
+  )
+  if out.returncode:
+    raise RuntimeError(f'{binary} failed:\n{out.stderr[-3000:]}')
+  return out.stderr
+
+
+@pytest.mark.slow
+def test_binaries_train_then_evaluate(tmp_path):
+  """meta_train_main pre-trains (and instruction-tunes) the generator,
+  adapt_main evaluates every method into results.json; both resume."""
+  model_path = tmp_path / 'tiny.gguf'
+  lm_fixtures.tiny_gguf(model_path)
+  workdir = tmp_path / 'work'
+  with pytest.raises(RuntimeError, match='run experiments.meta_train_main'):
+    _main('adapt_main', workdir, model_path)
+  _main('meta_train_main', workdir, model_path)
+  for name in ('ga_pretrain', 'generative_adapter'):
+    meta = json.loads((workdir / 'meta' / name / 'metadata.json').read_text())
+    assert np.isfinite(meta['metrics']['loss'])
+  _main('adapt_main', workdir, model_path)
+  results = json.loads((workdir / 'results.json').read_text())
+  assert set(results['methods']) == {
+    'no_context', 'prompting', 'lora_sft', 'ga_pretrain', 'generative_adapter'
+  }  # fmt: skip
+  assert results['domains'] == ['facts_128', 'icl_1', 'wiki', 'wiki_recon']
+  for m in results['methods'].values():
+    for dom in results['qa_domains']:
+      d = m['domains'][dom]
+      assert d['error'] == pytest.approx(1 - d['exact_match'])
+    assert m['domains']['wiki_recon']['perplexity'] > 1
+  # Finished trainers are not rerun; changed settings are refused.
+  log = _main('meta_train_main', workdir, model_path)
+  assert log.count('training already done') == 2
+  with pytest.raises(RuntimeError, match='other settings'):
+    _main(
+      'meta_train_main',
+      workdir,
+      model_path,
+      '--config.meta_train.ga_pretrain.learning_rate=0.5',
+    )
