@@ -17,7 +17,11 @@ CONFIGS = sorted(
   if p.stem not in ('__init__', 'common')
 )
 # Input shapes of the full-scale benchmarks (their data is not here).
-INPUT_SHAPES = {'cifar10c': (32, 32, 3), 'imagenet_c': (224, 224, 3)}
+INPUT_SHAPES = {
+  'cifar10c': (32, 32, 3),
+  'imagenet_c': (224, 224, 3),
+  'mgg_imagenet': (224, 224, 3),
+}
 
 
 class ConfigsTest(parameterized.TestCase):
@@ -50,7 +54,7 @@ class ConfigsTest(parameterized.TestCase):
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     variables = {
       'params': variables['params'],
-      'batch_stats': variables['batch_stats'],
+      'batch_stats': variables.get('batch_stats', {}),  # none in a ViT
     }
     apply_fn = models.make_apply_fn(model, shape)
     context = {

@@ -17,11 +17,11 @@ import pytest
 from absl import app
 from flax import traverse_util
 
-from tta_jax import models
+from tta_jax import models, torch_reference
 from tta_jax._src import checkpoint
 from tta_jax.models.vision import convert
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip('torch', reason=torch_reference.INSTALL_HINT)
 from tta_jax.torch_reference import models as tm  # noqa: E402
 
 pytestmark = pytest.mark.torch

@@ -219,23 +219,21 @@ def test_bad_trainer_settings(tiny, tmp_path):
     trainer.train(_ctx(tiny, tmp_path, num_chunks=4000))
 
 
-def test_meta_train_main_routes_lm_configs(monkeypatch, tmp_path):
-  from experiments import meta_train_main
-  from tta_jax.runners import lm
+def test_train_run_routes_lm_configs(monkeypatch, tmp_path):
+  """runners.train (what meta_train_main runs) hands runner='lm' configs
+  to the LM trainer runner and checks them with its validation."""
+  from configs import generative_adapter as cfg
+  from tta_jax.runners import lm, train
 
+  config = cfg.get_config('small')
+  assert train.validate_config(config) == ['ga_pretrain', 'generative_adapter']
   calls = []
   monkeypatch.setattr(lm, 'train', lambda c, w: calls.append((c.runner, w)))
-  flags = meta_train_main.FLAGS
-  try:
-    flags([
-      'meta_train_main',
-      '--config=configs/generative_adapter.py:small',
-      f'--workdir={tmp_path}',
-    ])  # fmt: skip
-    meta_train_main.main(['meta_train_main'])
-  finally:
-    flags.unparse_flags()
-  assert calls == [('lm', str(tmp_path))]
+  train.run(config, tmp_path)
+  assert calls == [('lm', tmp_path)]
+  config.meta_methods = 'prompting'
+  with pytest.raises(ValueError, match='no LM trainer'):
+    train.validate_config(config)
 
 
 def test_config_is_consistent():

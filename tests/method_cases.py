@@ -14,7 +14,7 @@ import numpy as np
 
 from tta_jax import testing as test_utils
 from tta_jax._src import params as params_lib
-from tta_jax.methods import generalizeformer
+from tta_jax.methods import generalizeformer, mgg
 
 
 class Case(NamedTuple):
@@ -46,6 +46,18 @@ GF_SPLIT = {
   'fusion': 'sum',
   'grad_norm': 'token_rms',
 }
+
+
+def _mgg_meta(apply_fn, variables):
+  """MGG's meta: a random generator and source statistics of 64 images."""
+  images = test_utils.fake_batch(100, 64, labels=False)['image']
+  mean, std = mgg.source_statistics(
+    apply_fn, variables, images, features=MGG_FEATURES
+  )
+  return mgg.init_meta(jax.random.key(0), mean, std)
+
+
+MGG_FEATURES = ('stage1', 'stage2', 'stage3')
 
 
 def _gf_meta(variables, kwargs, output_scale=0.0):
@@ -144,5 +156,52 @@ CASES = [
     {**GF_SPLIT, 'accumulate': True, 'aux_tent_huber_weight': 1.0},
     generalizeformer.generation_mask(),
     meta=lambda _, v: _gf_meta(v, GF_SPLIT, output_scale=0.05),
+  ),
+  # TPT is episodic per image. The tiny net has no prompt context, so the
+  # contract runs its episodes on the BN affine parameters.
+  Case(
+    'tpt',
+    {
+      'optimizer': {
+        'name': 'adamw',
+        'learning_rate': 5e-3,
+        'weight_decay': 0.01,
+      },
+      'adapt': 'bn_affine',
+      'n_views': 4,
+      'flip': False,
+    },
+    params_lib.no_params,
+    moves=False,
+  ),
+  Case(
+    'mgg',
+    {'features': MGG_FEATURES, 'learning_rate': 1e-2},
+    mgg.norm_affine,
+    meta=_mgg_meta,
+  ),
+  Case(
+    'mgg',
+    {'features': ('pre_logits',), 'generator': 'mlp', 'hidden': 4},
+    mgg.norm_affine,
+    meta=lambda apply_fn, v: {
+      **_mgg_meta(apply_fn, v),
+      'source_mean': jnp.zeros(16),
+      'source_std': jnp.ones(16),
+      'phi': mgg.init_meta(
+        jax.random.key(1), jnp.zeros(1), jnp.ones(1), generator='mlp', hidden=4
+      )['phi'],
+    },
+  ),
+  # Loose filters: the tiny random net is never confident.
+  Case(
+    'deyo',
+    {'optimizer': ADAM, 'margin': 1.0, 'plpd_threshold': -1.0},
+    params_lib.bn_affine,
+  ),
+  Case(
+    'deyo',
+    {'optimizer': SGD, 'margin': 1.0, 'plpd_threshold': -1.0, 'patch_len': 3},
+    params_lib.bn_affine,
   ),
 ]

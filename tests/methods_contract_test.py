@@ -37,7 +37,8 @@ class ContractTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_named(method_cases.CASES))
   def test_contract(self, case):
-    """jit, finiteness, structure, frozen leaves, determinism, scan, padding.
+    """jit, finiteness, structure, frozen leaves, determinism, scan, padding,
+    non-finite rows.
 
     One compiled `step` serves every check, to keep the suite fast.
     """
@@ -124,6 +125,32 @@ class ContractTest(parameterized.TestCase):
       np.testing.assert_allclose(
         o_pad.logits[:12], o_cut.logits, rtol=2e-4, atol=2e-4
       )
+
+    # NaN / Inf rows (valid or padding) act as padding, the state stays
+    # finite, and later batches score as they do without the bad rows.
+    bad = dict(batches[1], image=batches[1]['image'].copy())
+    bad['image'][3, 0, 0, 0] = np.nan
+    bad['image'][5] = np.inf
+    bad['image'][14, 2, 2, 0] = -np.inf  # a padding row
+    bad['mask'] = np.arange(16) != 14
+    good = dict(batches[1], mask=~np.isin(np.arange(16), [3, 5, 14]))
+    keep = good['mask']
+    s, _ = step(state0, batches[0], meta=meta)
+    s_bad, o_bad = step(s, bad, meta=meta)
+    s_good, o_good = step(s, good, meta=meta)
+    for leaf in jax.tree.leaves(s_bad):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        self.assertTrue(np.all(np.isfinite(leaf)))
+    self.assertEqual(float(o_bad.metrics['invalid_rows']), 2.0)
+    self.assertEqual(float(o_bad.metrics['skipped_update']), 0.0)
+    np.testing.assert_allclose(
+      o_bad.logits[keep], o_good.logits[keep], rtol=1e-5, atol=1e-6
+    )
+    _, after_bad = step(s_bad, batches[2], meta=meta)
+    _, after_good = step(s_good, batches[2], meta=meta)
+    np.testing.assert_allclose(
+      after_bad.logits, after_good.logits, rtol=1e-5, atol=1e-6
+    )
 
   @parameterized.named_parameters(
     *_named([c for c in method_cases.CASES if c.meta is not None])

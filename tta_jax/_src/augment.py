@@ -626,3 +626,109 @@ def memo_augment(
   return augmix(
     k_mix, image, severity=severity, width=width, depth=depth, alpha=alpha
   )
+
+
+# ---------------------------------------------------------------------------
+# TPT.
+
+
+def random_resized_crop(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  scale: tuple[float, float] = (0.08, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+  """torchvision's `RandomResizedCrop` back to the input size (bilinear).
+
+  Args:
+    key: a PRNG key.
+    image: `[H, W, C]`.
+    scale: range of the crop's area, as a fraction of the image's.
+    ratio: range of the crop's aspect ratio (log-uniform).
+  """
+  if image.ndim != 3:
+    raise ValueError(
+      f'random_resized_crop takes one [H, W, C] image, got {image.shape}'
+    )
+  if not 0.0 < scale[0] <= scale[1] <= 1.0:
+    raise ValueError(f'crop scale must satisfy 0 < lo <= hi <= 1: {scale}')
+  u = jax.random.uniform(key, (22,))
+  return _random_resized_crop(u, image, tuple(scale), tuple(ratio))
+
+
+def tpt_views(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  n_views: int = 64,
+  scale: tuple[float, float] = (0.08, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+  flip: bool = True,
+  augmix_views: bool = False,
+  severity: float = 1.0,
+) -> jax.Array:
+  """TPT's views of one test image (its `AugMixAugmenter`).
+
+  View 0 is the image itself (TPT's "original": the deterministic resize
+  and centre crop, which here is the identity, as images arrive at the
+  model's size). Views 1..n_views-1 are random resized crops back to the
+  input size, flipped horizontally with p 0.5 (`flip`), then with
+  `augmix_views` mixed by AugMix (`augmix` at `severity`, 3 chains, TPT's
+  setting for the fine-grained datasets; ImageNet and its variants use the
+  crops alone).
+
+  Args:
+    key: a PRNG key.
+    image: `[H, W, C]` floats in [0, 1].
+    n_views: views returned, the original included (TPT: 64).
+    scale, ratio: the crop's area fraction and aspect-ratio ranges (TPT:
+      torchvision's defaults, (0.08, 1) and (3/4, 4/3)).
+    flip: random horizontal flips.
+    augmix_views: AugMix on top of the crops.
+    severity: AugMix's op level.
+
+  Returns:
+    `[n_views, H, W, C]`, the original first.
+  """
+  if image.ndim != 3:
+    raise ValueError(f'tpt_views takes one [H, W, C] image, got {image.shape}')
+  if n_views < 1:
+    raise ValueError(f'tpt_views: n_views must be >= 1, got {n_views}')
+
+  def view(k):
+    k_crop, k_flip, k_mix = jax.random.split(k, 3)
+    v = random_resized_crop(k_crop, image, scale=scale, ratio=ratio)
+    if flip:
+      v = jnp.where(jax.random.uniform(k_flip) < 0.5, v[:, ::-1], v)
+    if augmix_views:
+      v = augmix(k_mix, v, severity=severity)
+    return v.astype(image.dtype)
+
+  if n_views == 1:
+    return image[None]
+  views = jax.vmap(view)(jax.random.split(key, n_views - 1))
+  return jnp.concatenate([image[None], views], axis=0)
+
+
+def affine_warp(
+  image: jax.Array,
+  *,
+  angle: jax.Array | float = 0.0,
+  scale: jax.Array | float = 1.0,
+  shift: jax.Array | tuple[float, float] = (0.0, 0.0),
+  fill: float = 0.0,
+) -> jax.Array:
+  """Rotates (degrees, counter-clockwise), scales and shifts (pixels, x then
+  y) one `[H, W, C]` image about its centre; bilinear, `fill` outside."""
+  h, w = image.shape[:2]
+  theta = jnp.deg2rad(angle)
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing='ij')
+  px = xx - cx - shift[0]
+  py = yy - cy - shift[1]
+  # Inverse map: source = R(-angle) (p - t) / scale (image y points down).
+  src_x = (cos * px - sin * py) / scale + cx
+  src_y = (sin * px + cos * py) / scale + cy
+  return _bilinear(image, src_y, src_x, fill=fill, mode='zeros')

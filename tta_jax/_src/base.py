@@ -95,3 +95,90 @@ def init_state(
     step=jnp.zeros([], jnp.int32),
     extra=extra,
   )
+
+
+# ----------------------------------------------------------------------------
+# The input policy every method gets (`adapter`).
+
+
+def finite_rows(images: jax.Array) -> jax.Array:
+  """`[B]` bool: the rows of `images` whose every value is finite."""
+  return jnp.all(jnp.isfinite(images.reshape(images.shape[0], -1)), axis=1)
+
+
+def tree_finite(tree: Any) -> jax.Array:
+  """Bool scalar: every floating-point leaf of `tree` is finite."""
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def guard_step(step_fn: AdaptStepFn) -> AdaptStepFn:
+  """`step_fn` under the non-finite input policy.
+
+  Rows of `batch['image']` holding a NaN or Inf are zeroed and masked out
+  (`mask` False), so they reach no statistic, loss or update; if the next
+  state would still hold a non-finite value, the update is skipped (the
+  state is kept, only its step count advances). Both are counted in the
+  step's metrics: `invalid_rows` and `skipped_update` (0 or 1). With finite
+  inputs the step computes exactly what `step_fn` does.
+  """
+
+  def step(state, batch, **kwargs):
+    if 'image' not in batch:
+      raise KeyError(f"the batch has no 'image' entry; it has {sorted(batch)}")
+    images = batch['image']
+    finite = finite_rows(images)
+    if 'mask' in batch:
+      mask = batch['mask'].astype(bool)
+    else:
+      mask = jnp.ones(finite.shape, bool)
+    inputs = dict(batch)
+    inputs['image'] = jnp.where(
+      finite.reshape((-1,) + (1,) * (images.ndim - 1)), images, 0
+    ).astype(images.dtype)
+    inputs['mask'] = mask & finite
+    new_state, out = step_fn(state, inputs, **kwargs)
+    # Leaves the step passed through untouched (frozen parameters) are the
+    # same objects: they need neither the check nor the select.
+    changed = jax.tree.map(lambda n, o: n is not o, new_state, state)
+    ok = tree_finite(
+      [
+        n
+        for n, c in zip(
+          jax.tree.leaves(new_state), jax.tree.leaves(changed), strict=True
+        )
+        if c
+      ]
+    )
+    kept = jax.tree.map(
+      lambda n, o: n if n is o else jnp.where(ok, n, o), new_state, state
+    )
+    metrics = dict(out.metrics)
+    metrics['invalid_rows'] = jnp.sum(mask & ~finite).astype(jnp.float32)
+    metrics['skipped_update'] = (~ok).astype(jnp.float32)
+    return kept._replace(step=new_state.step), out._replace(metrics=metrics)
+
+  return step
+
+
+def adapter(
+  init_fn: AdaptInitFn,
+  step_fn: AdaptStepFn,
+  adapted: Callable[[Params, Params], Params] | None = None,
+) -> Adapter:
+  """The `Adapter` every method factory returns.
+
+  `init` returns a state that owns its buffers (copies of the variables,
+  no two leaves sharing one), so `jax.jit(step, donate_argnums=0)` never
+  deletes the caller's arrays; `step` follows the non-finite input policy
+  (`guard_step`).
+  """
+
+  def init(variables, rng):
+    return jax.tree.map(jnp.copy, init_fn(variables, rng))
+
+  return Adapter(init, guard_step(step_fn), adapted)

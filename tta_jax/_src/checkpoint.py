@@ -4,8 +4,10 @@ Typed PRNG keys are stored as their key data and re-wrapped on restore, so
 an `AdaptState` (or any pytree holding keys) round-trips exactly.
 """
 
+import hashlib
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -69,12 +71,32 @@ def _abstract(tree):
   )
 
 
+def digest(tree: Any) -> str:
+  """SHA-256 of a pytree's leaves (dtype, shape and bytes, in tree order)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(to_storable(tree)):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{a.dtype}{a.shape}'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 class StateCheckpointer:
   """Periodic checkpoints of a pytree (state + host records) in a directory.
 
   A thin wrapper over `ocp.CheckpointManager` that keeps the latest
-  `max_to_keep` steps, writes synchronously-safe (orbax commits atomically),
-  and restores into the structure of a template.
+  `max_to_keep` steps and restores into the structure of a template. Saves
+  are synchronous and atomic (orbax writes a temporary directory and renames
+  it; one left by an interrupted save is removed on the next start), and
+  each step's SHA-256 is written beside it: `restore_latest` verifies it
+  and falls back, with a warning, to the newest intact step when a step is
+  damaged or truncated.
   """
 
   def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
@@ -83,25 +105,70 @@ class StateCheckpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True
+        max_to_keep=max_to_keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
       ),
     )
+    self._sums = self.directory / 'checksums'
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(to_storable(tree)))
+    storable = to_storable(tree)
+    self.manager.save(step, args=ocp.args.StandardSave(storable))
     self.manager.wait_until_finished()
+    self._sums.mkdir(exist_ok=True)
+    write_atomically(self._sums / f'{step}.sha256', digest(storable))
+    kept = {str(s) for s in self.manager.all_steps()}
+    for path in self._sums.glob('*.sha256'):
+      if path.stem not in kept:
+        path.unlink(missing_ok=True)
 
-  def restore(self, template: Any, step: int | None = None) -> Any:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+  def _verified(self, step: int, template: Any) -> Any:
+    """The step restored into `template`, or ValueError if it is damaged."""
+    path = self._sums / f'{step}.sha256'
+    if not path.exists():
+      raise ValueError('it has no checksum, so it cannot be verified')
     restored = self.manager.restore(
       step, args=ocp.args.StandardRestore(_abstract(template))
     )
+    if digest(restored) != path.read_text().strip():
+      raise ValueError('its contents do not match its checksum')
     return from_storable(restored, template)
+
+  def restore(self, template: Any, step: int | None = None) -> Any:
+    """Step `step` (default: the latest), verified; raises if damaged."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    try:
+      return self._verified(step, template)
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore errors vary
+      raise ValueError(
+        f'checkpoint step {step} in {self.directory} is damaged: {e}'
+      ) from e
+
+  def restore_latest(self, template: Any) -> tuple[int | None, Any]:
+    """`(step, tree)` of the newest intact step; `(None, None)` if none.
+
+    A damaged or truncated step is skipped with a warning and deleted, so
+    the run resumes from the step before it and can save past it again.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self._verified(step, template)
+      except Exception as e:  # noqa: BLE001 - orbax/TensorStore errors vary
+        logging.warning(
+          'Checkpoint step %d in %s is not used: %s; trying an earlier one',
+          step,
+          self.directory,
+          str(e).splitlines()[0][:200],
+        )
+        self.manager.delete(step)
+    return None, None
 
   def close(self) -> None:
     self.manager.close()
@@ -110,13 +177,15 @@ class StateCheckpointer:
 def save_variables(
   directory: str | pathlib.Path, variables: Any, metadata: dict
 ) -> None:
-  """Saves model variables and a JSON metadata file (architecture, errors)."""
+  """Saves model variables and a JSON metadata file (architecture, errors,
+  and the variables' SHA-256, which `load_variables` verifies)."""
   quiet_orbax()
   directory = pathlib.Path(directory).absolute()
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory / 'variables', variables, force=True)
   ckptr.wait_until_finished()
-  (directory / 'metadata.json').write_text(json.dumps(metadata, indent=2))
+  metadata = {**metadata, 'variables_sha256': digest(variables)}
+  write_atomically(directory / 'metadata.json', json.dumps(metadata, indent=2))
 
 
 def load_metadata(directory: str | pathlib.Path) -> dict | None:
@@ -125,10 +194,27 @@ def load_metadata(directory: str | pathlib.Path) -> dict | None:
 
 
 def load_variables(directory: str | pathlib.Path, template: Any) -> Any:
-  """Restores variables saved by `save_variables` into `template`'s shapes."""
+  """Restores variables saved by `save_variables` into `template`'s shapes.
+
+  Raises ValueError when they do not match the checksum in
+  `metadata.json` (a damaged or truncated checkpoint is never used).
+  """
   directory = pathlib.Path(directory).absolute()
   ckptr = ocp.StandardCheckpointer()
-  return ckptr.restore(directory / 'variables', _abstract(template))
+  try:
+    variables = ckptr.restore(directory / 'variables', _abstract(template))
+  except Exception as e:  # noqa: BLE001 - orbax/TensorStore errors vary
+    raise ValueError(
+      f'the checkpoint in {directory} is damaged or truncated '
+      f'({str(e).splitlines()[0][:200]}); delete it to make it again'
+    ) from e
+  expected = (load_metadata(directory) or {}).get('variables_sha256')
+  if expected is not None and digest(variables) != expected:
+    raise ValueError(
+      f'the checkpoint in {directory} is damaged: its variables do not '
+      'match the checksum in its metadata.json; delete it to make it again'
+    )
+  return variables
 
 
 def has_variables(directory: str | pathlib.Path) -> bool:
@@ -146,8 +232,15 @@ def model_metadata(model_config, input_shape, num_classes: int) -> dict:
 
 
 def _normal(x):
-  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare."""
-  return json.loads(json.dumps(x.to_dict() if hasattr(x, 'to_dict') else x))
+  """JSON round trip: tuples and lists (ConfigDict vs metadata) compare;
+  ConfigDicts nested in plain dicts are plain dicts too."""
+  return json.loads(json.dumps(x, default=_config_to_dict))
+
+
+def _config_to_dict(o):
+  if hasattr(o, 'to_dict'):
+    return o.to_dict()
+  raise TypeError(f'{type(o).__name__} in a model config is not JSON data')
 
 
 def check_metadata(found: dict, expected: dict, where) -> None:

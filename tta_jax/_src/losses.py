@@ -95,3 +95,59 @@ def entropy_margin(margin: float, num_classes: int) -> float:
   """E0 = `margin` ln K: the reliability threshold of EATA, ETA and SAR
   (samples with a lower prediction entropy are reliable)."""
   return margin * math.log(num_classes)
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  """sqrt with a zero (not NaN) gradient where x == 0 (dead features)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def feature_statistics(
+  features: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Per-dimension mean and unbiased std over the selected rows.
+
+  `torch.std_mean` over the batch (FOA, MGTTA): the std divides by n - 1
+  (by 1 when a single row is selected, giving 0). features [B, D], mask [B]
+  -> (mean [D], std [D]).
+  """
+  if mask is None:
+    mask = jnp.ones(features.shape[:1], bool)
+  w = mask.astype(features.dtype)[:, None]
+  n = jnp.sum(w)
+  mean = jnp.sum(features * w, 0) / jnp.maximum(n, 1.0)
+  var = jnp.sum(jnp.square(features - mean) * w, 0) / jnp.maximum(n - 1.0, 1.0)
+  return mean, _safe_sqrt(var)
+
+
+def foa_discrepancy(
+  features: jax.Array,
+  source_mean: jax.Array,
+  source_std: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  divisor: float = 64.0,
+) -> jax.Array:
+  """FOA's activation discrepancy against source statistics (scalar).
+
+  (||std_b(F) - sigma_s||^2 + ||mean_b(F) - mu_s||^2) / divisor, with the
+  unbiased batch std of `feature_statistics`. FOA and MGTTA divide by a
+  constant 64 whatever the batch size; multiply by lambda (0.4) yourself.
+
+  References:
+    Niu et al., Test-Time Model Adaptation with Only Forward Passes, ICML
+    2024 (FOA); Deng et al., AAAI 2025 (MGTTA) reuse it.
+  """
+  if features.shape[-1:] != source_mean.shape or (
+    source_mean.shape != source_std.shape
+  ):
+    raise ValueError(
+      f'features {features.shape} do not match source statistics '
+      f'{source_mean.shape} / {source_std.shape}'
+    )
+  mean, std = feature_statistics(features, mask)
+  return (
+    jnp.sum(jnp.square(std - source_std))
+    + jnp.sum(jnp.square(mean - source_mean))
+  ) / divisor

@@ -16,8 +16,15 @@ from jax.experimental import checkify
 from tta_jax._src import base
 
 
-def check_batch(batch: Mapping[str, np.ndarray], index: int) -> None:
-  """Raises ValueError if host batch `index` is malformed or non-finite."""
+def check_batch(
+  batch: Mapping[str, np.ndarray], index: int, *, allow_nonfinite=False
+) -> None:
+  """Raises ValueError if host batch `index` is malformed.
+
+  Non-finite pixels raise too unless `allow_nonfinite` (the default input
+  policy of every method masks such rows out instead, see
+  `base.guard_step`).
+  """
   if 'image' not in batch:
     raise ValueError(f'batch {index} has no "image" entry: {sorted(batch)}')
   image = np.asarray(batch['image'])
@@ -31,12 +38,15 @@ def check_batch(batch: Mapping[str, np.ndarray], index: int) -> None:
     raise TypeError(
       f'batch {index}: images must be floating point, got {image.dtype}'
     )
+  if allow_nonfinite:
+    return
   finite = np.isfinite(image).reshape(image.shape[0], -1).all(axis=1)
   if not finite.all():
     rows = np.flatnonzero(~finite)[:5].tolist()
     raise ValueError(
       f'batch {index} contains NaN or Inf pixels (rows {rows}); '
-      'non-finite images are rejected rather than adapted on'
+      "non-finite images are rejected (config.nonfinite='raise'); "
+      "'skip' masks such rows out and scores them as errors"
     )
 
 

@@ -413,6 +413,72 @@ BENCHMARKS = {
 }
 
 
+def target_tags(data_config) -> list[str | None] | None:
+  """The tags `targets` would return, without loading any data: `[None]`
+  for single-source benchmarks, the held-out domains of the embedded
+  leave-one-domain-out ones; None where that needs the data."""
+  name = data_config['name']
+  if name not in DG_BENCHMARKS:
+    return [None]
+  if data_config.held_out != 'all':
+    return [h.strip() for h in data_config.held_out.split(',')]
+  if name == 'digits_rotated_dg':
+    return [f'rot{d}' for d in data_config.rotations]
+  if name == 'digits_corrupted_dg':
+    return list(data_config.dg_domains)
+  return None
+
+
+def check_data_config(data_config) -> None:
+  """What can be checked of a data config without loading any data.
+
+  The dataset name, and for the embedded digits the corruption names,
+  severity, split sizes and the held-out domains; raises ValueError naming
+  the problem.
+  """
+  name = data_config['name']
+  from tta_jax.data.images import full_scale
+
+  loaders = getattr(full_scale, 'LOADERS', {})
+  if (
+    name not in BENCHMARKS and name not in DG_BENCHMARKS and name not in loaders
+  ):
+    valid = sorted(BENCHMARKS) + sorted(DG_BENCHMARKS) + sorted(loaders)
+    raise ValueError(f'unknown dataset {name!r}; valid: {valid}')
+  _check_target_split(data_config)
+  if data_config.get('max_examples_per_domain', 0) < 0:
+    raise ValueError('data.max_examples_per_domain must be >= 0')
+  if not name.startswith('digits'):
+    return
+  for key in ('train_size', 'val_size', 'test_size'):
+    if not isinstance(data_config[key], int) or data_config[key] < 1:
+      raise ValueError(f'data.{key} must be a positive integer')
+  c = _corruptions()
+  if name == 'digits_corrupted':
+    unknown = sorted(set(data_config.corruptions) - set(c.ALL_CORRUPTIONS))
+    if unknown:
+      raise ValueError(
+        f'unknown corruptions {unknown}; valid: {list(c.ALL_CORRUPTIONS)}'
+      )
+    if data_config.severity not in c.CORRUPTION_SEVERITIES:
+      raise ValueError(
+        f'data.severity must be one of {list(c.CORRUPTION_SEVERITIES)}, '
+        f'got {data_config.severity!r}'
+      )
+  if name in DG_BENCHMARKS and data_config.held_out != 'all':
+    known = (
+      [f'rot{d}' for d in data_config.rotations]
+      if name == 'digits_rotated_dg'
+      else list(data_config.dg_domains)
+    )
+    held = [h.strip() for h in data_config.held_out.split(',')]
+    unknown = [h for h in held if h not in known]
+    if unknown:
+      raise ValueError(
+        f'data.held_out: unknown domains {unknown}; valid: {known}'
+      )
+
+
 def use_validation_shifts(data_config) -> None:
   """Turns a corrupted-digits data config into its validation stream.
 

@@ -16,17 +16,20 @@ import optax
 from tta_jax._src import base, params as params_lib
 from tta_jax.methods import (
   cotta,
+  deyo,
   eata,
   generalizeformer,
   lame,
   memo,
   meta_ttt,
+  mgg,
   norm,
   rotta,
   sar,
   source,
   t3a,
   tent,
+  tpt,
 )
 
 METHODS: dict[str, Callable[..., base.Adapter]] = {
@@ -43,6 +46,9 @@ METHODS: dict[str, Callable[..., base.Adapter]] = {
   'rotta': rotta.rotta,
   'meta_ttt': meta_ttt.meta_ttt,
   'generalizeformer': generalizeformer.generalizeformer,
+  'tpt': tpt.tpt,
+  'mgg': mgg.mgg,
+  'deyo': deyo.deyo,
 }
 
 # Factory arguments that take a parameter mask; configs give them as specs.

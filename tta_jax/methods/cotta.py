@@ -194,4 +194,4 @@ def cotta(
     }
     return new_state, base.StepOutput(target, metrics)
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)

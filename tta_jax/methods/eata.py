@@ -66,9 +66,10 @@ def eata(
     source_images: `[N, H, W, C]` clean in-distribution images for F (the
       paper uses N = 2000); required when `fisher_alpha > 0`.
     fisher_batch_size: batch size of the Fisher pass (EATA's 64).
-    num_classes: K, the size of m; None reads it from the classifier `head`
-      (`kernel` [D, K]). Give it when `apply_fn` restricts the logits to a
-      subset of the head's classes (ImageNet-R/A).
+    num_classes: K, the size of m; None reads `apply_fn.num_classes` (a
+      `models.wrap` model) or the classifier `head` (`kernel` [D, K]).
+      Give it when `apply_fn` restricts the logits to a subset of the
+      head's classes (ImageNet-R/A).
     mixed_bn_alpha: None normalises with the test batch; a weight in [0, 1]
       on the source statistics uses Meta-TTT's mixed BN instead.
 
@@ -82,6 +83,8 @@ def eata(
   if fisher_alpha < 0:
     raise ValueError(f'eata: fisher_alpha must be >= 0, got {fisher_alpha}')
   use_fisher = fisher_alpha > 0
+  # A wrapped model (`models.wrap`) knows K from its logits.
+  num_classes = num_classes or getattr(apply_fn, 'num_classes', None)
   apply_fn = models.with_mixed_bn(apply_fn, mixed_bn_alpha)
   if use_fisher:
     if source_images is None:
@@ -210,7 +213,7 @@ def eata(
     }
     return new_state, base.StepOutput(logits, metrics)
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)
 
 
 def eta(

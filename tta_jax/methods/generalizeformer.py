@@ -228,7 +228,7 @@ def generalizeformer(
     )
 
   adapted = gen_mask if accumulate else params_lib.no_params
-  return base.Adapter(init_fn, step_fn, adapted)
+  return base.adapter(init_fn, step_fn, adapted)
 
 
 class GeneratorInputs(NamedTuple):

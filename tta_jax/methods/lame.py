@@ -101,7 +101,7 @@ def lame(
     metrics = {'lame_steps': steps.astype(jnp.float32)}
     return state._replace(step=state.step + 1), base.StepOutput(logits, metrics)
 
-  return base.Adapter(init_fn, step_fn, params_lib.no_params)
+  return base.adapter(init_fn, step_fn, params_lib.no_params)
 
 
 def _sq_distances(x, valid):

@@ -164,4 +164,4 @@ def memo(
 
   # Episodic: the adapted copies live only inside `step`; the state keeps
   # the source parameters.
-  return base.Adapter(init_fn, step_fn, params_lib.no_params)
+  return base.adapter(init_fn, step_fn, params_lib.no_params)

@@ -289,7 +289,7 @@ def meta_ttt(apply_fn, **hparams) -> base.Adapter:
       out.logits, metrics
     )
 
-  return base.Adapter(init_fn, step_fn, adapted)
+  return base.adapter(init_fn, step_fn, adapted)
 
 
 # One keyword signature for both (`methods.from_config` reads it).

@@ -92,4 +92,4 @@ def norm(
       out.logits, metrics
     )
 
-  return base.Adapter(init_fn, step_fn, params_lib.no_params)
+  return base.adapter(init_fn, step_fn, params_lib.no_params)

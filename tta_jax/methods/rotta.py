@@ -251,4 +251,4 @@ def rotta(
     }
     return new_state, base.StepOutput(out.logits, metrics)
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)

@@ -14,7 +14,7 @@ class SarState(NamedTuple):
   ema: jax.Array  # float32 scalar: moving average of the second loss
   has_ema: jax.Array  # bool scalar: `ema` holds a value (None in sar.py)
   params0: Any  # the adapted leaves at init, restored by model recovery
-  opt_state0: Any  # the optimizer state at init, restored with them
+  opt_state0: Any  # the optimizer state at init (restored only on request)
 
 
 def sar(
@@ -27,6 +27,7 @@ def sar(
   reset_constant: float = 0.2,
   ema_momentum: float = 0.9,
   clear_ema_on_recovery: bool = True,
+  restore_optimizer_on_recovery: bool = False,
   mixed_bn_alpha: float | None = None,
 ) -> base.Adapter:
   """SAR (Niu et al., ICLR 2023): SAM on the entropy of reliable samples.
@@ -40,8 +41,8 @@ def sar(
        still < E0; g2 = grad of their mean entropy at theta + eps;
     4. the base optimizer steps from theta with g2;
     5. ema <- m ema + (1 - m) loss2 when loss2 exists (the first one sets
-       it); if ema < `reset_constant`, the adapted leaves and the optimizer
-       state are restored to their initial values and the EMA is cleared.
+       it); if ema < `reset_constant`, the adapted leaves are restored to
+       their initial values (model recovery) and the EMA is cleared.
   The scored logits are the first forward's. Empty selections give a zero
   gradient (masked means), as the NaN-valued but zero-gradient losses of
   `sar.py` do, so the momentum still moves the parameters.
@@ -69,6 +70,11 @@ def sar(
       clears the EMA on recovery. False
       reproduces `sar.py`, whose `forward` writes the returned EMA back after
       `reset()` cleared it, so the low EMA survives the recovery.
+    restore_optimizer_on_recovery: False (default) keeps the base
+      optimizer's state (momentum buffers, Adam moments and step count)
+      through a recovery, as the official `sar.py` does: its `reset()`
+      reloads SAM's own state only, not the base optimizer's. True also
+      restores the base optimizer's initial state.
     mixed_bn_alpha: None normalises with the test batch; a weight in [0, 1]
       on the source statistics uses Meta-TTT's mixed BN instead.
 
@@ -142,7 +148,11 @@ def sar(
       state,
       parts,
       jax.tree.map(back, ex.params0, new_trainable),
-      jax.tree.map(back, ex.opt_state0, new_opt_state),
+      (
+        jax.tree.map(back, ex.opt_state0, new_opt_state)
+        if restore_optimizer_on_recovery
+        else new_opt_state
+      ),
       extra=ex._replace(ema=ema, has_ema=has_ema),
     )
     metrics = {
@@ -155,4 +165,4 @@ def sar(
     }
     return new_state, base.StepOutput(logits, metrics)
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)

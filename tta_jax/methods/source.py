@@ -21,4 +21,4 @@ def source(apply_fn) -> base.Adapter:
     out = apply_fn(state.params, state.batch_stats, batch['image'])
     return state._replace(step=state.step + 1), base.StepOutput(out.logits, {})
 
-  return base.Adapter(init_fn, step_fn, params_lib.no_params)
+  return base.adapter(init_fn, step_fn, params_lib.no_params)

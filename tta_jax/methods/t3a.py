@@ -115,7 +115,7 @@ def t3a(
       logits, metrics
     )
 
-  return base.Adapter(init_fn, step_fn, params_lib.no_params)
+  return base.adapter(init_fn, step_fn, params_lib.no_params)
 
 
 def _normalize(x, axis=-1):

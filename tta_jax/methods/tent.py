@@ -69,4 +69,4 @@ def tent(
     new_state = grad_step.commit(state, parts, trainable, opt_state)
     return new_state, base.StepOutput(out.logits, {'entropy': loss})
 
-  return base.Adapter(init_fn, step_fn, adapt)
+  return base.adapter(init_fn, step_fn, adapt)

@@ -3,7 +3,9 @@
 Methods never touch flax: they call
 `apply_fn(params, batch_stats, images, *, use_batch_stats, bn_mode, mask)`,
 which returns a `ModelOutput` whose `batch_stats` are the statistics this
-forward normalised with (the source ones in source mode).
+forward normalised with (the source ones in source mode). `wrap` turns a
+stock flax module (`nn.BatchNorm(use_running_average=not train)`, logits
+out) into such an `apply_fn`.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -13,8 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tta_jax.models.vision import cifar, digits, layers, resnet
+from tta_jax.models import vlm
+from tta_jax.models.vision import cifar, digits, layers, resnet, vit
 from tta_jax.models.vision.layers import BATCH, BatchNorm, BNMode, mixed_bn
+from tta_jax.models.wrap import WrappedModel, wrap
 
 __all__ = [
   'BATCH',
@@ -32,6 +36,8 @@ __all__ = [
   'layers',
   'with_batch_bn',
   'with_mixed_bn',
+  'wrap',
+  'WrappedModel',
 ]
 
 
@@ -50,6 +56,25 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   'wide_resnet28_10': lambda **kw: cifar.WideResNet(28, 10, **kw),
   'resnet18': resnet.ResNet18,
   'resnet50': resnet.ResNet50,
+  # CLIP-style dual encoders as zero-shot / CoOp classifiers.
+  'vlm_digits': vlm.digits_classifier,
+  'vlm_clip': vlm.clip_classifier,
+  # A small ViT for the 28x28 digits (7x7 patches of 4, LayerNorm only).
+  'digits_vit': lambda **kw: vit.ViT(
+    **{'patch_size': 4, 'width': 64, 'depth': 4, 'num_heads': 4, **kw}
+  ),
+  # timm's vit_base_patch16_224 (convert its weights with convert.py).
+  'vit_base_patch16_224': lambda **kw: vit.ViT(
+    **{
+      'patch_size': 16,
+      'width': 768,
+      'depth': 12,
+      'num_heads': 12,
+      'mean': (0.5,) * 3,
+      'std': (0.5,) * 3,
+      **kw,
+    }
+  ),
 }
 
 

@@ -39,7 +39,9 @@ from tta_jax.data import sources, streams
 from tta_jax.runners import (
   artifacts,
   configs,
+  lm,
   pretrain,
+  progress,
   report,
   scoring,
   streams as stream_lib,
@@ -47,8 +49,13 @@ from tta_jax.runners import (
 
 
 def validate_config(config) -> list[str]:
-  """Checks names early; returns the requested method names."""
-  return configs.method_names(config)
+  """Checks the config before any work; returns the requested methods.
+
+  Language-model configs (`config.runner == 'lm'`) are `runners.lm`'s.
+  """
+  if config.get('runner') == 'lm':
+    return lm.validate_config(config)
+  return configs.check(config)
 
 
 def source_context(config, benchmark) -> dict[str, Any]:
@@ -66,6 +73,10 @@ def build_adapter(config, name, apply_fn, variables, benchmark, context, wd):
   fallback to the source model)."""
   owner = configs.artifacts_owner(config, name)
   meta = None
+  if config.method_configs[name].get('model'):
+    apply_fn, variables = artifacts.model_variant(
+      config, name, variables, benchmark
+    )
   if owner is not None:
     if not artifacts.is_trained(artifacts.trained_dir(wd, owner)):
       raise FileNotFoundError(
@@ -86,9 +97,20 @@ def build_adapter(config, name, apply_fn, variables, benchmark, context, wd):
 
 
 def run_method(
-  name, config, apply_fn, variables, benchmark, context, workdir: pathlib.Path
+  name,
+  config,
+  apply_fn,
+  variables,
+  benchmark,
+  context,
+  workdir: pathlib.Path,
+  job: progress.Job | None = None,
+  label: str | None = None,
 ) -> dict[str, Any]:
-  """Runs one method over the configured stream(s); returns its results."""
+  """Runs one method over the configured stream(s); returns its results.
+
+  `job` reports progress (`label` is the method's name in it).
+  """
   cached = artifacts.cached_result(config, workdir, name)
   if cached is not None:
     logging.info('%s: already done', name)
@@ -103,7 +125,10 @@ def run_method(
     shard_batch=config.shard_batch,
     checkpoint_every=config.checkpoint_every,
     log_every=config.log_every,
+    nonfinite=config.nonfinite,
+    progress=job,
   )
+  label = label or name
 
   def plan(seed):
     return streams.plan(
@@ -127,7 +152,7 @@ def run_method(
         rng,
         run_kwargs,
         ckpt_dir(f'seed{s}'),
-        name,
+        label,
       )
       for s in seeds
     ]
@@ -139,7 +164,7 @@ def run_method(
       domains,
       rngs=[rng] * len(seeds),
       checkpoint_dir=ckpt_dir('seeds'),
-      name=name,
+      name=label,
       **run_kwargs,
     )
     per_seed = stream_lib.split_streams(adapter, res)
@@ -152,7 +177,7 @@ def run_method(
         domains,
         rngs=[rng],
         checkpoint_dir=ckpt_dir(f'seed{s}'),
-        name=name,
+        name=label,
         **run_kwargs,
       )
       for s in seeds
@@ -174,7 +199,9 @@ def run_method(
   return out
 
 
-def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
+def run_benchmark(
+  config, workdir: pathlib.Path, benchmark, names, job=None, tag=None
+):
   """Every method of `names` on one benchmark; returns the results dict."""
   module, apply_fn = artifacts.build_model(config.model, benchmark)
   variables, source_meta = pretrain.ensure_source(
@@ -201,15 +228,25 @@ def run_benchmark(config, workdir: pathlib.Path, benchmark, names):
   }
   for name in names:
     t0 = time.perf_counter()
+    label = _label(name, tag)
+    done = artifacts.cached_result(config, workdir, name) is not None
     results['methods'][name] = run_method(
-      name, config, apply_fn, variables, benchmark, context, workdir
+      name, config, apply_fn, variables, benchmark, context, workdir, job, label
     )
+    seconds = time.perf_counter() - t0
+    if job is not None and not done:
+      job.finished(seconds)
     logging.info(
       '%s: mean error %.2f%% (%.1fs)',
-      name,
+      label,
       100 * results['methods'][name]['mean_error'],
-      time.perf_counter() - t0,
+      seconds,
     )
+  # Methods this workdir finished earlier under the same settings stay in
+  # the tables when a rerun asks for fewer.
+  for name in artifacts.recorded_names(config, workdir):
+    if name not in results['methods']:
+      results['methods'][name] = artifacts.cached_result(config, workdir, name)
   return results
 
 
@@ -219,18 +256,40 @@ def run(config, workdir) -> dict[str, Any]:
   For leave-one-domain-out benchmarks, every held-out domain gets its own
   source model, meta-training artifacts and checkpoints under
   `WORKDIR/dg/<domain>/`, and the results hold one entry per held-out
-  domain.
+  domain. Language-model configs (`config.runner == 'lm'`) run
+  `runners.lm.run`.
   """
+  if config.get('runner') == 'lm':
+    return lm.run(config, workdir)
+  names = validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  names = validate_config(config)
-  per_target = {
-    tag: run_benchmark(config, wd, bench, names)
-    for tag, bench, wd in artifacts.benchmark_dirs(config, workdir)
-  }
+  logging.info('Config:\n%s', config)
+  per_target = artifacts.finished_results(config, workdir, names)
+  if per_target is not None:
+    logging.info('Every method is already done in %s', workdir)
+  else:
+    logging.info('Building the benchmark data (%s)', config.data.name)
+    targets = artifacts.benchmark_dirs(config, workdir)
+    job = progress.Job(
+      [_label(n, tag) for tag, _, _ in targets for n in names],
+      seconds=config.progress_seconds,
+      tensorboard_dir=workdir / 'tensorboard' if config.tensorboard else None,
+    )
+    per_target = {
+      tag: run_benchmark(config, wd, bench, names, job, tag)
+      for tag, bench, wd in targets
+    }
   if list(per_target) == [None]:
     results = per_target[None]
   else:
     results = scoring.merge_held_out(config, per_target)
-  report.write(results, workdir, artifacts.results_name(config))
+  name = artifacts.results_name(config)
+  report.write(results, workdir, name)
+  logging.info('Results: %s', workdir / f'{name}.{{json,md,csv,png}}')
   return results
+
+
+def _label(name: str, tag: str | None) -> str:
+  """A method's name in progress lines (with its held-out domain)."""
+  return name if tag is None else f'{name}@{tag}'

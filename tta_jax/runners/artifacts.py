@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from tta_jax import models
 from tta_jax._src import checkpoint
@@ -68,6 +69,60 @@ def source_dir(config, workdir) -> pathlib.Path:
 
 def pretrain_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / 'pretrain_ckpt'
+
+
+# The data settings a source model's training depends on.
+SOURCE_DATA_KEYS = (
+  'name',
+  'train_size',
+  'val_size',
+  'split_seed',
+  'rotations',
+  'dg_domains',
+  'loader_kwargs',
+)
+
+
+def source_training(config) -> dict[str, Any]:
+  """What the source model trained into WORKDIR/source depends on."""
+  data = {k: config.data[k] for k in SOURCE_DATA_KEYS if k in config.data}
+  return configs.jsonable(
+    {'pretrain': config.pretrain, 'seed': config.seed, 'data': data}
+  )
+
+
+def check_source_training(config, workdir, metadata: dict) -> None:
+  """Refuses a workdir's source model trained under other settings."""
+  saved = metadata.get('training')
+  if saved is None:
+    logging.warning(
+      'The source model in %s records no training settings (an older '
+      'run): it is used as it is',
+      source_dir(config, workdir),
+    )
+    return
+  current = source_training(config)
+  if saved != current:
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    differ = sorted(
+      k
+      for k in set(flat_saved) | set(flat_current)
+      if flat_saved.get(k) != flat_current.get(k)
+    )
+    raise ValueError(
+      f'the source model in {source_dir(config, workdir)} was trained with '
+      f'other settings (differing: {differ}); use a new --workdir, or '
+      'delete that folder to train it again'
+    )
+
+
+def _flatten(tree, prefix=''):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f'{prefix}.{k}' if prefix else k))
+  return out
 
 
 def has_source(config, workdir) -> bool:
@@ -141,6 +196,7 @@ def save_trained(
       },
     )
   if result.meta is not None:
+    metadata = {**metadata, 'meta_sha256': checkpoint.digest(result.meta)}
     checkpoint.quiet_orbax()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(
@@ -149,17 +205,27 @@ def save_trained(
       force=True,
     )
     ckptr.wait_until_finished()
-  (directory / 'metadata.json').write_text(
-    json.dumps({**metadata, 'metrics': result.metrics}, indent=2, default=float)
+  checkpoint.write_atomically(
+    directory / 'metadata.json',
+    json.dumps(
+      {**metadata, 'metrics': result.metrics}, indent=2, default=float
+    ),
   )
 
 
 def load_meta(directory: pathlib.Path) -> Any:
-  """The meta-parameters saved by `save_trained` (nested dicts of arrays)."""
+  """The meta-parameters saved by `save_trained` (nested dicts of arrays),
+  verified against the checksum in `metadata.json`."""
   checkpoint.quiet_orbax()
-  return ocp.StandardCheckpointer().restore(
-    (pathlib.Path(directory) / 'meta').absolute()
-  )
+  directory = pathlib.Path(directory)
+  meta = ocp.StandardCheckpointer().restore((directory / 'meta').absolute())
+  expected = (checkpoint.load_metadata(directory) or {}).get('meta_sha256')
+  if expected is not None and checkpoint.digest(meta) != expected:
+    raise ValueError(
+      f'the trained meta-parameters in {directory} are damaged (they do not '
+      f'match their checksum); delete {directory} and train again'
+    )
+  return meta
 
 
 def load_trained(workdir, name: str, apply_fn, variables, benchmark):
@@ -184,6 +250,48 @@ def load_trained(workdir, name: str, apply_fn, variables, benchmark):
   if (directory / 'meta').exists():
     meta = load_meta(directory)
   return apply_fn, variables, meta
+
+
+def model_variant(config, name, variables, benchmark):
+  """`(apply_fn, variables)` of method `name`'s model variant
+  (`configs.model_config`): the variables are the source ones at the
+  variant's parameter paths (a variant may use fewer, e.g. no prompt
+  context; it may not need new ones)."""
+  module, apply_fn = build_model(configs.model_config(config, name), benchmark)
+  template = jax.eval_shape(
+    lambda: models.init_variables(
+      module, benchmark.input_shape, jax.random.key(0)
+    )
+  )
+  variables = fit_variables(template, variables, name)
+  if benchmark.class_subset is not None:
+    apply_fn = models.restrict_classes(apply_fn, benchmark.class_subset)
+  return apply_fn, variables
+
+
+def fit_variables(template, variables, name: str):
+  """`variables` restricted to `template`'s paths, shapes checked."""
+  from flax import traverse_util
+
+  out = {}
+  for collection, tree in template.items():
+    want = traverse_util.flatten_dict(dict(tree))
+    have = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+    missing = sorted('/'.join(k) for k in want.keys() - have.keys())
+    wrong = sorted(
+      '/'.join(k)
+      for k in want.keys() & have.keys()
+      if tuple(want[k].shape) != tuple(have[k].shape)
+    )
+    if missing or wrong:
+      raise ValueError(
+        f'{name}: the model variant needs {collection} the source model '
+        f'lacks (missing {missing[:4]}, other shapes {wrong[:4]})'
+      )
+    out[collection] = (
+      traverse_util.unflatten_dict({k: have[k] for k in want}) if want else {}
+    )
+  return out
 
 
 def trainer_settings(config, name: str, method_kwargs: dict) -> dict:
@@ -261,21 +369,73 @@ def result_key(config, name: str) -> str:
 
 
 def cached_result(config, workdir, name: str) -> dict | None:
-  """A finished method's results, if made under the current config."""
+  """A finished method's results, if made under the current config.
+
+  An unreadable record (a damaged file) is ignored with a warning: the
+  method runs again and rewrites it.
+  """
   path = records_dir(config, workdir) / f'{name}.json'
   if not path.exists():
     return None
-  cached = json.loads(path.read_text())
+  try:
+    cached = json.loads(path.read_text())
+    if not isinstance(cached, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as e:
+    logging.warning('%s is damaged (%s): %s runs again', path, e, name)
+    return None
   if cached.get('config_hash') != result_key(config, name):
     return None
   return cached
 
 
 def save_result(config, workdir, name: str, result: dict) -> pathlib.Path:
+  """Writes a finished method's record atomically (all or nothing)."""
   path = records_dir(config, workdir) / f'{name}.json'
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2))
+  checkpoint.write_atomically(path, json.dumps(result, indent=2))
   return path
+
+
+def recorded_names(config, workdir) -> list[str]:
+  """Methods with a valid record under the current config, in the order of
+  `config.method_configs` (a rerun with fewer methods keeps the others in
+  the tables)."""
+  folder = records_dir(config, workdir)
+  if not folder.exists():
+    return []
+  return [
+    name
+    for name in config.method_configs
+    if (folder / f'{name}.json').exists()
+    and cached_result(config, workdir, name) is not None
+  ]
+
+
+def finished_results(config, workdir, names) -> dict | None:
+  """`{tag: results}` when every method of every benchmark is already
+  recorded under the current config, read without building any data (a
+  rerun of a finished workdir only rewrites the tables); else None."""
+  tags = benchmarks.target_tags(config.data)
+  if tags is None:
+    return None
+  workdir = pathlib.Path(workdir)
+  out = {}
+  for tag in tags:
+    wd = workdir if tag is None else workdir / 'dg' / tag
+    records = {n: cached_result(config, wd, n) for n in names}
+    source = checkpoint.load_metadata(source_dir(config, wd))
+    if source is None or any(r is None for r in records.values()):
+      return None
+    for name in recorded_names(config, wd):
+      records.setdefault(name, cached_result(config, wd, name))
+    out[tag] = {
+      'config': configs.jsonable(config),
+      'source': source,
+      'domains': list(records[names[0]]['domains']),
+      'methods': records,
+    }
+  return out
 
 
 def stream_checkpoint_dir(config, workdir, name: str, tag: str):

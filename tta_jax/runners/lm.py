@@ -116,18 +116,6 @@ def validate_config(config) -> list[str]:
   return names
 
 
-def _jsonable(x):
-  if hasattr(x, 'to_dict'):
-    x = x.to_dict()
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.integer, np.floating)):
-    return x.item()
-  return x
-
-
 def config_hash(config, name: str) -> str:
   keys = ('model', 'tasks', 'text', 'split', 'seed', 'prompt_format',
           'chunk_tokens', 'batch_size', 'max_new_tokens', 'bucket')  # fmt: skip
@@ -136,7 +124,7 @@ def config_hash(config, name: str) -> str:
   owner = artifacts_owner(config, name)
   if owner is not None:  # a re-trained generator is re-evaluated
     relevant['trained'] = trainer_settings(config, owner)
-  blob = json.dumps(_jsonable(relevant), sort_keys=True)
+  blob = json.dumps(configs.jsonable(relevant), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -640,7 +628,7 @@ def run(config, workdir) -> dict[str, Any]:
   tasks = build_tasks(config)
   windows = text_windows(config, lm.tokenizer) if config.text.corpus else None
   results = {
-    'config': _jsonable(config),
+    'config': configs.jsonable(config),
     'model': load_lib.describe(lm),
     'domains': list(tasks) + [d for _, d in text_modes(config, windows)],
     'qa_domains': list(tasks),

@@ -51,18 +51,29 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
       k: getattr(res, k).reshape(-1)[valid]
       for k in ('correct', 'nll', 'confidence')
     }
+    invalid = (
+      res.invalid.reshape(-1)[valid]
+      if res.invalid is not None
+      else np.zeros(len(dom), bool)
+    )
     doms = {}
     for d, domain in enumerate(domains):
       sel = dom == d
       if not sel.any():
         continue
       m = metrics.summarize({k: v[sel] for k, v in rec.items()})
+      # Rows with NaN or Inf pixels: masked out of adaptation, scored wrong.
+      m['invalid_inputs'] = int(invalid[sel].sum())
       m['seconds'] = float(res.seconds[:, d].sum())
       m['examples_per_second'] = (
         m['n'] / m['seconds'] if m['seconds'] > 0 else float('nan')
       )
       doms[domain.name] = m
     overall = metrics.summarize(rec)
+    overall['invalid_inputs'] = int(invalid.sum())
+    overall['skipped_updates'] = (
+      int(res.skipped.sum()) if res.skipped is not None else 0
+    )
     per_seed.append((doms, overall, float(res.seconds.sum())))
   doms = {}
   for name in per_seed[0][0]:
@@ -83,6 +94,14 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
     'seconds': seconds,
     'examples_per_second': total_n / seconds if seconds > 0 else float('nan'),
     'num_seeds': len(per_seed),
+    # Inputs with NaN or Inf pixels, and steps whose update was skipped
+    # because it would have made the state non-finite (means over seeds).
+    'invalid_inputs': float(
+      np.mean([s[1]['invalid_inputs'] for s in per_seed])
+    ),
+    'skipped_updates': float(
+      np.mean([s[1]['skipped_updates'] for s in per_seed])
+    ),
   }
   if len(errors) > 1:
     out['mean_error_std'] = float(np.std(errors))
@@ -100,7 +119,12 @@ def merge_held_out(config, per_target: Mapping[str, dict]) -> dict[str, Any]:
     'domains': targets,
     'methods': {},
   }
-  for name in first['methods']:
+  names = [
+    n
+    for n in first['methods']
+    if all(n in per_target[t]['methods'] for t in targets)
+  ]
+  for name in names:
     runs = {t: per_target[t]['methods'][name] for t in targets}
     doms = {t: runs[t]['domains'][t] for t in targets}
     seconds = sum(d['seconds'] for d in doms.values())

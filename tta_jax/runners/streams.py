@@ -11,6 +11,8 @@ one. Each piece is a small function; `run_streams` is the loop over them.
 
 import dataclasses
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tta_jax._src import checkpoint, metrics, validation
+from tta_jax._src import base, checkpoint, metrics, validation
 from tta_jax.data import sources, streams
 
 
@@ -37,6 +39,10 @@ class StreamResult:
   seconds: np.ndarray  # [K, num_domains] wall seconds attributed per domain
   compile_seconds: float = 0.0
   final_state: Any = None
+  # [K, num_batches, B] rows with NaN or Inf pixels (scored as errors).
+  invalid: np.ndarray | None = None
+  # [K, num_batches] 1 where the step skipped its update (non-finite state).
+  skipped: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +124,15 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
   def body(state, batch):
     inputs = {key: batch[key] for key in ('image', 'mask')}
     state, out = adapter.step(state, inputs, meta=meta)
-    return state, metrics.per_example(out.logits, batch['label'])
+    scores = metrics.per_example(out.logits, batch['label'])
+    # Rows with NaN or Inf pixels were masked out by the step (the input
+    # policy of `base.adapter`); they are scored as errors and counted.
+    finite = base.finite_rows(batch['image'])
+    scores['correct'] = scores['correct'] & finite
+    scores['invalid'] = ~finite
+    scores['skipped'] = out.metrics.get('skipped_update', jnp.zeros([]))
+    scores['metrics'] = dict(out.metrics)  # read only for TensorBoard
+    return state, scores
 
   fn = body if axes is None else jax.vmap(body, (axes, 0), (axes, 0))
   if shardings is None:
@@ -127,17 +141,20 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
     fn,
     donate_argnums=(0,),
     in_shardings=(shardings.replicated, shardings.batch),
-    out_shardings=(shardings.replicated, shardings.batch),
+    # The per-example scores stay sharded like the batch (propagated).
+    out_shardings=(shardings.replicated, None),
   )
 
 
-def read_batch(positions, domains, i: int, batch_size: int, shardings):
+def read_batch(
+  positions, domains, i: int, batch_size: int, shardings, nonfinite='skip'
+):
   """Batch `i` of every stream, stacked when K > 1, checked, placed."""
   batches = []
   for pos in positions:
     _, dom, idx, _ = pos[i]
     batch = streams.read_batch(domains, dom, idx, batch_size)
-    validation.check_batch(batch, i)
+    validation.check_batch(batch, i, allow_nonfinite=nonfinite == 'skip')
     batches.append({key: batch[key] for key in ('image', 'mask', 'label')})
   if len(batches) == 1:
     batch = batches[0]
@@ -162,7 +179,9 @@ class Records:
       'correct': np.zeros(shape, bool),
       'nll': np.zeros(shape, np.float32),
       'confidence': np.zeros(shape, np.float32),
+      'invalid': np.zeros(shape, bool),
     }
+    self.skipped = np.zeros((k, num_batches), np.float32)
     self.domain = np.zeros(shape, np.int32)
     self.valid = np.zeros(shape, bool)
     for s, pos in enumerate(positions):
@@ -180,6 +199,7 @@ class Records:
     for i, out in self._pending:
       for key in self.scores:
         self.scores[key][:, i] = np.asarray(out[key]).reshape(k, b)
+      self.skipped[:, i] = np.asarray(out['skipped']).reshape(k)
     self._pending.clear()
 
   def running_error(self, upto: int) -> float:
@@ -204,6 +224,8 @@ class Records:
       self.seconds,
       compile_seconds,
       state,
+      self.scores['invalid'],
+      self.skipped,
     )
 
 
@@ -218,18 +240,22 @@ class StreamCheckpoint:
     self.every = every
     self.ckpt = checkpoint.StateCheckpointer(directory)
     self.seconds = 0.0  # time spent saving, kept out of throughputs
+    self.saving = False  # a save is under way (set while it runs)
+    self.last_saved = None  # the batch index of the last save
 
   def restore(self, state0, records: Records, shardings) -> tuple[int, Any]:
     """`(next batch, state)`; `(0, None)` when there is nothing to resume."""
-    if self.ckpt.latest_step() is None:
-      return 0, None
     template = {
       'state': state0,
       'records': records.scores,
+      'skipped': records.skipped,
       'seconds': records.seconds,
       'next': np.int64(0),
     }
-    restored = self.ckpt.restore(template)
+    step, restored = self.ckpt.restore_latest(template)
+    if step is None:
+      return 0, None
+    records.skipped = restored['skipped']
     records.scores, records.seconds = restored['records'], restored['seconds']
     state = restored['state']
     if shardings is not None:
@@ -239,15 +265,19 @@ class StreamCheckpoint:
   def save(self, next_index: int, state, records: Records) -> float:
     """Saves; returns the seconds it took."""
     t = time.perf_counter()
+    self.saving = True
     self.ckpt.save(
       next_index,
       {
         'state': state,
         'records': records.scores,
+        'skipped': records.skipped,
         'seconds': records.seconds,
         'next': np.int64(next_index),
       },
     )
+    self.saving = False
+    self.last_saved = next_index
     took = time.perf_counter() - t
     self.seconds += took
     return took
@@ -257,6 +287,39 @@ class StreamCheckpoint:
 
   def close(self) -> None:
     self.ckpt.close()
+
+
+class DeferredInterrupt:
+  """Ctrl-C (SIGINT) stops the stream at the next batch boundary.
+
+  The first interrupt sets `requested`; the loop then checkpoints and
+  raises KeyboardInterrupt, so a save is never cut in half. A second
+  interrupt raises at once. Outside the main thread (where signal handlers
+  cannot be installed) interrupts are not deferred.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    logging.warning(
+      'Interrupted: stopping after this batch (interrupt again to stop now)'
+    )
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.getsignal(signal.SIGINT)
+      signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
 
 
 def _usable(state) -> bool:
@@ -282,7 +345,9 @@ def run_streams(
   checkpoint_dir: pathlib.Path | None = None,
   checkpoint_every: int = 0,
   log_every: int = 0,
+  nonfinite: str = 'skip',
   name: str = '',
+  progress=None,
 ) -> StreamResult:
   """Runs K streams of identical batch structure; K > 1 is one vmap.
 
@@ -296,8 +361,13 @@ def run_streams(
     shard_batch: shard every batch over all devices (batch axis).
     checkpoint_dir: where to checkpoint/resume (None: no checkpoints).
     checkpoint_every: batches between checkpoints (0: never).
-    log_every: batches between progress lines (0: never).
+    log_every: batches between progress lines (0: never) when `progress`
+      is None.
+    nonfinite: 'skip' (rows with NaN or Inf pixels are masked out and
+      scored as errors) or 'raise' (such a batch is an error).
     name: for log lines.
+    progress: a `progress.Job`: progress by time with ETAs (a terminal
+      progress bar, or log lines), and TensorBoard if it writes there.
 
   Returns:
     A `StreamResult`.
@@ -316,7 +386,7 @@ def run_streams(
   step = make_step(adapter, axes, meta=meta, shardings=shardings)
 
   def read(i):
-    return read_batch(positions, domains, i, b, shardings)
+    return read_batch(positions, domains, i, b, shardings, nonfinite)
 
   ckpt, start, state = None, 0, None
   if checkpoint_dir is not None and checkpoint_every:
@@ -325,61 +395,104 @@ def run_streams(
     if state is not None:
       logging.info('%s: resuming at batch %d/%d', name, start, num_batches)
 
+  if start >= num_batches:  # the checkpoint covers the whole stream
+    if ckpt is not None:
+      ckpt.close()
+    return records.result(0.0, state)
   t_compile = time.perf_counter()
   compiled = step.lower(_copy(state0), read(start)).compile()
   compile_seconds = time.perf_counter() - t_compile
+  reporter = (
+    progress.stream(name, num_batches, start) if progress is not None else None
+  )
 
   t_start = time.perf_counter()
   # A run is the batches since the last reset; its time is attributed to
   # its domains when it ends. `paused` is the checkpoint time inside it.
   t_run, run_first, paused = time.perf_counter(), start, 0.0
   completed = start  # batches whose results are in `state` and `records`
+  in_step = False  # True while `state` and `completed` may disagree
+  seen = 0  # valid examples adapted on in this run
   try:
-    for i in range(start, num_batches):
-      if positions[0][i][0] or state is None:  # a reset
-        if state is not None and i > run_first:
+    with DeferredInterrupt() as interrupt:
+      for i in range(start, num_batches):
+        if positions[0][i][0] or state is None:  # a reset
+          if state is not None and i > run_first:
+            records.flush()
+            elapsed = time.perf_counter() - t_run - paused
+            records.attribute(run_first, i, elapsed)
+          state = _copy(state0)
+          t_run, run_first, paused = time.perf_counter(), i, 0.0
+        batch = read(i)
+        in_step = True
+        state, scores = compiled(state, batch)
+        records.add(i, scores)
+        completed = i + 1
+        in_step = False
+        seen += int(records.valid[:, i].sum())
+        if reporter is not None:
+          writes = reporter.writer is not None
+          if reporter.due() or writes or completed == num_batches:
+            records.flush()
+            reporter.update(
+              completed,
+              examples=seen,
+              running_error=records.running_error(completed),
+              metrics=_scalars(scores['metrics']) if writes else None,
+            )
+          else:
+            reporter.update(completed, examples=seen)
+        elif log_every and completed % log_every == 0:
           records.flush()
-          records.attribute(run_first, i, time.perf_counter() - t_run - paused)
-        state = _copy(state0)
-        t_run, run_first, paused = time.perf_counter(), i, 0.0
-      state, scores = compiled(state, read(i))
-      records.add(i, scores)
-      completed = i + 1
-      if log_every and completed % log_every == 0:
-        records.flush()
-        seen = records.valid[:, start:completed].sum()
-        saving = ckpt.seconds if ckpt is not None else 0.0
-        logging.info(
-          '%s: batch %d/%d, %.0f examples/s, running error %.2f%%',
-          name,
-          completed,
-          num_batches,
-          seen / (time.perf_counter() - t_start - saving),
-          100 * records.running_error(completed),
-        )
-      if ckpt is not None and ckpt.due(completed):
-        records.flush()
-        paused += ckpt.save(completed, state, records)
+          saving = ckpt.seconds if ckpt is not None else 0.0
+          logging.info(
+            '%s: batch %d/%d, %.0f examples/s, running error %.2f%%',
+            name,
+            completed,
+            num_batches,
+            seen / (time.perf_counter() - t_start - saving),
+            100 * records.running_error(completed),
+          )
+        if ckpt is not None and (ckpt.due(completed) or interrupt.requested):
+          records.flush()
+          paused += ckpt.save(completed, state, records)
+        if interrupt.requested:
+          logging.warning('%s: interrupted at batch %d', name, completed)
+          raise KeyboardInterrupt
     records.flush()
     records.attribute(
       run_first, num_batches, time.perf_counter() - t_run - paused
     )
   except BaseException:
-    # Nothing lost on interruption: keep the last consistent position.
-    if ckpt is not None and _usable(state):
+    # Stopped mid-stream (an error, or an interrupt raised at once): keep
+    # the last consistent position, unless it is already saved, the stop
+    # came from saving it, or it hit a step (`state` may then be ahead of
+    # the records, or consumed).
+    consistent = not in_step and _usable(state)
+    if (
+      ckpt is not None
+      and consistent
+      and not ckpt.saving
+      and ckpt.last_saved != completed
+    ):
       try:
         records.flush()
         ckpt.save(completed, state, records)
-        logging.warning(
-          '%s: interrupted; checkpointed at batch %d', name, completed
-        )
+        logging.warning('%s: stopped at batch %d (saved)', name, completed)
       except Exception:  # noqa: BLE001 - never mask the original error
-        logging.exception('%s: could not checkpoint on interruption', name)
+        logging.exception('%s: could not checkpoint after the error', name)
     raise
   finally:
     if ckpt is not None:
       ckpt.close()
+    if reporter is not None:
+      reporter.close()
   return records.result(compile_seconds, state)
+
+
+def _scalars(metrics) -> dict[str, float]:
+  """A step's metrics as floats (the mean over K vmapped streams)."""
+  return {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
 
 
 def _check_same_structure(positions: Sequence[list]) -> None:
@@ -435,7 +548,11 @@ def run_per_domain_parallel(
       axis=1,
     )
 
-  last = parts[-1].final_state
+  last = parts[-1]
+  if last.correct.shape[0] > 1:  # a vmapped group: its last stream
+    final_state = take_stream(adapter, last.final_state, -1)
+  else:  # a group of one stream holds an unstacked state
+    final_state = last.final_state
   return StreamResult(
     correct=cat('correct'),
     nll=cat('nll'),
@@ -444,7 +561,9 @@ def run_per_domain_parallel(
     valid=cat('valid'),
     seconds=sum(r.seconds.sum(0, keepdims=True) for r in parts),
     compile_seconds=sum(r.compile_seconds for r in parts),
-    final_state=take_stream(adapter, last, -1),
+    final_state=final_state,
+    invalid=cat('invalid'),
+    skipped=np.concatenate([r.skipped.reshape(1, -1) for r in parts], 1),
   )
 
 

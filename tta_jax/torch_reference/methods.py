@@ -19,7 +19,13 @@ layer normalises with the current batch (biased variance), as ours does.
 import math
 
 import numpy as np
-import torch
+
+from tta_jax.torch_reference import INSTALL_HINT
+
+try:
+  import torch
+except ModuleNotFoundError as e:  # the optional `torch` extra
+  raise ModuleNotFoundError(f'{e}: {INSTALL_HINT}', name=e.name) from e
 import torch.nn.functional as F
 from torch import nn
 
@@ -172,7 +178,12 @@ class Eata:
 
 
 class Sar:
-  """SAR with the SAM of `sam.py` (non-adaptive) around SGD."""
+  """SAR with the SAM of `sam.py` (non-adaptive) around SGD.
+
+  Model recovery restores the parameters; as in the official `sar.py`,
+  whose `reset()` reloads SAM's own state only, the base optimizer's state
+  (momentum) survives it unless `restore_optimizer`.
+  """
 
   def __init__(
     self,
@@ -184,11 +195,13 @@ class Sar:
     rho=0.05,
     reset_constant=0.2,
     clear_ema_on_reset=False,
+    restore_optimizer=False,
   ):
     self.model, self.params, self.optimizer = model, params, optimizer
     self.margin, self.rho = margin, rho
     self.reset_constant = reset_constant
     self.clear_ema_on_reset = clear_ema_on_reset
+    self.restore_optimizer = restore_optimizer
     self.ema = None
     self.saved = (
       [p.detach().clone() for p in params],
@@ -235,7 +248,8 @@ class Sar:
     with torch.no_grad():
       for p, p0 in zip(self.params, params, strict=True):
         p.copy_(p0)
-    self.optimizer.load_state_dict(_clone_state(opt_state))
+    if self.restore_optimizer:
+      self.optimizer.load_state_dict(_clone_state(opt_state))
     self.ema = None
 
 

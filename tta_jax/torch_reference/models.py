@@ -16,7 +16,12 @@ Inputs are NCHW and already normalised: callers apply the mean/std that
 the tta_jax models apply internally.
 """
 
-import torch
+from tta_jax.torch_reference import INSTALL_HINT
+
+try:
+  import torch
+except ModuleNotFoundError as e:  # the optional `torch` extra
+  raise ModuleNotFoundError(f'{e}: {INSTALL_HINT}', name=e.name) from e
 import torch.nn.functional as F
 from torch import nn
 

@@ -5,22 +5,37 @@ registered here by the name of the method whose artifacts it makes:
 `experiments.meta_train_main` runs the trainers of `config.meta_methods`,
 and `experiments.adapt_main` evaluates the method on what they learned.
 Source training (`trainers.source`) is the recipe every source model (and
-GeneralizeFormer's meta-source backbones) is trained with.
+GeneralizeFormer's meta-source backbones) is trained with, unless the
+config names another source recipe (`config.pretrain.trainer`, one of
+`SOURCE_TRAINERS`: LiT for the vision-language dual encoder).
 """
 
 from collections.abc import Callable
 
 from tta_jax.trainers import (
   base,
+  coop,
   generalizeformer,
   generative_adapter,
+  lit,
   lm_base,
   meta_ttt,
+  mgg,
 )
 
 TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
   'meta_ttt': meta_ttt.train,
   'generalizeformer': generalizeformer.train,
+  'mgg': mgg.train,
+  # CoOp's prompt context (zero-shot -> `coop`, TPT -> `tpt_coop`).
+  'coop': coop.train,
+}
+
+# Source recipes other than supervised training (`trainers.source`), by
+# `config.pretrain.trainer`: their `TrainResult.variables` are the source
+# model.
+SOURCE_TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
+  'lit': lit.train,
 }
 
 # Trainers around a frozen language model (`lm_base.LMTrainContext ->

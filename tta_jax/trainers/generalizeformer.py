@@ -6,6 +6,8 @@ parameters it generates (`methods.generalizeformer`) on them, through the
 layer-wise gradients it reads (second order unless `first_order`).
 """
 
+import hashlib
+import json
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -152,12 +154,12 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
   if joint:
     train['backbone'] = train['best_backbone'] = _canonical(ctx.variables)
     train['backbone_opt'] = backbone_tx.init(ctx.variables['params'])
-  start = 0
-  if ctx.checkpointer.latest_step() is not None:
-    start = ctx.checkpointer.latest_step()
-    train = ctx.checkpointer.restore(train)
+  start, restored = ctx.checkpointer.restore_latest(train)
+  if start is not None:
+    train = restored
     logging.info('generalizeformer: resuming meta-training at step %d', start)
   else:
+    start = 0
     acc = val_accuracy(phi, splits) if val_parts else 0.0
     train['best_accuracy'] = np.float64(acc)
     logging.info('generalizeformer step 0: source-val accuracy %.4f', acc)
@@ -264,13 +266,25 @@ def _meta_source_backbone(ctx, cfg, target: str):
   epochs = cfg.backbone_epochs or ctx.source_recipe['epochs']
   others = [d for d in ctx.source_domains if d.name != target]
   val = [d.source for d in ctx.val_domains if d.name != target]
-  # A backbone is defined by its training domains and epochs, so the cache
-  # is shared by every trainer and held-out domain that needs it.
+  # A backbone is defined by its training domains (names and sizes), the
+  # recipe, the model and the seed, so the cache is shared by every trainer
+  # and held-out domain that needs the same one, and never by another.
   if ctx.cache_dir is None:
     raise ValueError('generalizeformer: meta-source backbones need cache_dir')
-  directory = (
-    pathlib.Path(ctx.cache_dir)
-    / f'{"+".join(sorted(d.name for d in others))}_e{epochs}'
+  recipe = {**ctx.source_recipe, 'epochs': epochs}
+  key = json.dumps(
+    [
+      dict(ctx.model_config),
+      recipe,
+      ctx.seed,
+      sorted((d.name, len(d.source)) for d in others),
+    ],
+    sort_keys=True,
+    default=str,
+  )
+  directory = pathlib.Path(ctx.cache_dir) / (
+    f'{"+".join(sorted(d.name for d in others))}_e{epochs}_'
+    f'{hashlib.sha256(key.encode()).hexdigest()[:10]}'
   )
   expected = checkpoint.model_metadata(
     ctx.model_config, ctx.input_shape, ctx.num_classes
@@ -295,7 +309,7 @@ def _meta_source_backbone(ctx, cfg, target: str):
     num_classes=ctx.num_classes,
     source_train=sources.ConcatSource([d.source for d in others]),
     source_val=source_val,
-    recipe={**ctx.source_recipe, 'epochs': epochs},
+    recipe=recipe,
     seed=ctx.seed,
     checkpoint_dir=directory / 'pretrain_ckpt',
     name=f'meta_source_without_{target}',

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from tta_jax._src import context
+from tta_jax._src import base as base_lib, context
 from tta_jax.models.generators import generative_adapter as ga
 from tta_jax.models.lm import model as lm_model
 from tta_jax.trainers import base, lm_base
@@ -251,13 +251,19 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
   batches = Batch(ctx, gc)
   tx = make_optimizer(hp)
   opt_state = tx.init(gen)
-  start = 0
-  if ctx.checkpointer.latest_step() is not None:
-    restored = ctx.checkpointer.restore(
-      {'gen': gen, 'opt_state': opt_state, 'step': 0}
-    )
+  start, skipped = 0, 0
+  template = {
+    'gen': gen,
+    'opt_state': opt_state,
+    'step': np.int64(0),
+    'skipped': np.int64(0),
+  }
+  # The newest checkpoint whose checksum verifies (a damaged one is
+  # skipped with a warning).
+  step, restored = ctx.checkpointer.restore_latest(template)
+  if step is not None:
     gen, opt_state = restored['gen'], restored['opt_state']
-    start = int(restored['step'])
+    start, skipped = int(restored['step']), int(restored['skipped'])
     logging.info('generative_adapter: resumed at step %d', start)
 
   grad_fn = jax.value_and_grad(
@@ -270,15 +276,20 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step_fn(gen, opt_state, lm_params, tokens, mask, loss_mask, key):
     (loss, aux), grads = grad_fn(gen, lm_params, tokens, mask, loss_mask, key)
-    updates, opt_state = tx.update(grads, opt_state, gen)
-    gen = optax.apply_updates(gen, updates)
-    return gen, opt_state, loss, aux, optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, gen)
+    new_gen = optax.apply_updates(gen, updates)
+    # A step with a non-finite loss or gradient is skipped (counted).
+    ok = jnp.isfinite(loss) & base_lib.tree_finite(grads)
+    keep = lambda n, o: jnp.where(ok, n, o)
+    gen = jax.tree.map(keep, new_gen, gen)
+    opt_state = jax.tree.map(keep, new_opt, opt_state)
+    return gen, opt_state, loss, aux, optax.global_norm(grads), ~ok
 
   t0, tokens_seen, metrics = time.perf_counter(), 0, {}
   window = {'loss': [], 'grad_norm': []}
   for step in range(start, hp.steps):
     tokens, mask, loss_mask = batches(step)
-    gen, opt_state, loss, aux, gnorm = step_fn(
+    gen, opt_state, loss, aux, gnorm, bad = step_fn(
       gen,
       opt_state,
       ctx.lm_params,
@@ -288,6 +299,7 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
       jax.random.fold_in(ctx.rng, step + 1),
     )
     tokens_seen += int(mask.sum())
+    skipped += int(bad)
     window['loss'].append(loss)
     window['grad_norm'].append(gnorm)
     done = step + 1
@@ -310,11 +322,18 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
       done % hp.checkpoint_every == 0 or done == hp.steps
     ):
       ctx.checkpointer.save(
-        done, {'gen': gen, 'opt_state': opt_state, 'step': done}
+        done,
+        {
+          'gen': gen,
+          'opt_state': opt_state,
+          'step': np.int64(done),
+          'skipped': np.int64(skipped),
+        },
       )
   if not metrics and hp.steps > start:
     metrics = {'loss': float(loss)}
   metrics['steps'] = hp.steps
+  metrics['skipped_steps'] = skipped
   metrics['train_seconds'] = time.perf_counter() - t0
   return base.TrainResult(meta=jax.device_get(gen), metrics=metrics)
 

@@ -269,10 +269,11 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
     'best_accuracy': np.float64(-1.0),
     'best_step': np.int64(-1),
   }
-  start = 0
-  if ctx.checkpointer.latest_step() is not None:
-    start = ctx.checkpointer.latest_step()
-    train = ctx.checkpointer.restore(train)
+  start, restored = ctx.checkpointer.restore_latest(train)
+  if start is None:
+    start = 0
+  else:
+    train = restored
     logging.info('meta_ttt: resuming meta-training at step %d', start)
   theta, opt_state = train['theta'], train['opt_state']
   t0, metrics = time.perf_counter(), {}

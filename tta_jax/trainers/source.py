@@ -173,8 +173,9 @@ def train(
     'epoch': np.int32(0),
   }
   ckpt = checkpoint.StateCheckpointer(checkpoint_dir)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+  step, restored = ckpt.restore_latest(state)
+  if step is not None:
+    state = restored
     logging.info('Resuming source training at epoch %d', int(state['epoch']))
 
   train_step = jax.jit(supervised_step(apply_fn, tx, cfg['bn_momentum']))

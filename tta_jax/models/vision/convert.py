@@ -14,6 +14,12 @@ Supported layouts, by registered model name:
 - `resnet18`, `resnet50`: torchvision (`conv1`, `bn1`,
   `layer1.0.{conv,bn}{1,2,3}`, `layer1.0.downsample.{0,1}`, `fc`), with
   ImageNet normalisation (our default).
+- `vit_base_patch16_224`, `digits_vit`: timm's `VisionTransformer`
+  (`patch_embed.proj`, `cls_token`, `pos_embed`,
+  `blocks.0.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`,
+  `head`), normalised with mean = std = 0.5 as timm's augreg ViT-B/16.
+  LayerNorm `weight` -> `scale`; the top-level `cls_token` and `pos_embed`
+  keep their shapes.
 
 Conv weights go OIHW -> HWIO, linear weights [out, in] -> [in, out], BN
 `weight`/`bias` -> `scale`/`bias`, `running_mean`/`running_var` ->
@@ -62,17 +68,28 @@ _TORCHVISION = (
   (r'bn1', 'bn1'),
   (r'fc', 'head'),
 )
+_TIMM_VIT = (
+  (r'patch_embed\.proj', 'patch_embed'),
+  (r'blocks\.(\d+)\.(norm[12])', r'blocks_\1/\2'),
+  (r'blocks\.(\d+)\.attn\.(qkv|proj)', r'blocks_\1/attn/\2'),
+  (r'blocks\.(\d+)\.mlp\.(fc[12])', r'blocks_\1/mlp/\2'),
+  (r'norm', 'norm'),
+  (r'head', 'head'),
+)
 LAYOUTS = {
   'wide_resnet28_2': _WRN,
   'wide_resnet28_10': _WRN,
   'resnet26': _TTT,
   'resnet18': _TORCHVISION,
   'resnet50': _TORCHVISION,
+  'vit_base_patch16_224': _TIMM_VIT,
+  'digits_vit': _TIMM_VIT,
 }
 _LAYOUT_NAMES = {
   id(_WRN): "RobustBench's Standard WideResNet",
   id(_TTT): "TTT's ResNetCifar (BatchNorm)",
   id(_TORCHVISION): 'torchvision ResNet',
+  id(_TIMM_VIT): "timm's VisionTransformer",
 }
 _MAX_LISTED = 20
 
@@ -186,10 +203,12 @@ def from_torch_state_dict(
     if leaf == 'num_batches_tracked':
       continue
     path = _rename_module(layout, mod) if mod else None
-    if path is None:
+    if not mod and f'params/{leaf}' in want:  # a top-level parameter
+      target = f'params/{leaf}'  # (timm's cls_token, pos_embed)
+    elif path is None:
       unused.append(key)
       continue
-    if leaf == 'weight':
+    elif leaf == 'weight':
       is_norm = f'params/{path}/scale' in want
       target = f'params/{path}/{"scale" if is_norm else "kernel"}'
     elif leaf == 'bias':
