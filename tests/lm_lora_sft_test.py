@@ -61,3 +61,18 @@ def test_bad_settings(tiny):
     lora_sft.lora_sft(config, targets=('w_up',))
   with pytest.raises(ValueError, match='steps must be >= 1'):
     lora_sft.lora_sft(config, steps=0)
+
+
+def test_a_step_that_would_go_non_finite_is_skipped_per_row(tiny):
+  config, params = tiny
+  # Adam's first step moves every weight by ~lr: 1e38 overflows the
+  # forward of the next step, whose NaN update must not be written.
+  method = lora_sft.lora_sft(
+    config, rank=4, steps=3, learning_rate=1e38, targets=('o_proj',)
+  )
+  state0 = method.init(params, jax.random.key(0), 2)
+  state = jax.jit(method.absorb)(params, state0, _chunk(2))
+  for leaf in jax.tree.leaves(state):
+    assert np.isfinite(np.asarray(leaf, np.float64)).all()
+  # The first (finite) step was taken, the later ones were not.
+  assert np.abs(np.asarray(state.lora['o_proj'].b)).max() > 1e37

@@ -7,7 +7,9 @@ next-token cross-entropy on every absorbed chunk, then the prompt is
 answered closed-book through the fine-tuned LoRA. Rows of a batch are
 independent contexts, each with its own LoRA (the loss is a sum of
 per-row means, so a row's update does not depend on the others); a row
-whose chunk is all padding keeps its LoRA and optimizer state.
+whose chunk is all padding keeps its LoRA and optimizer state, and so does
+a row whose step would make its LoRA non-finite (the gradient methods'
+non-finite policy: the update is skipped, never written).
 
     method = lora_sft.lora_sft(lm_config, rank=8, steps=5,
                                learning_rate=1e-3, max_new_tokens=12)
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax._src import context
+from tta_jax._src import context, grad_step
 from tta_jax.models.lm import generate, model
 
 
@@ -72,6 +74,15 @@ def lora_sft(
     steps: gradient steps per absorbed chunk.
     max_new_tokens, stop_ids, pad_id, sampling: as in
       `prompting.no_context`.
+
+  Returns:
+    A `ContextMethod` whose state is the LoRA of every row and its Adam
+    state.
+
+  References:
+    Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR
+    2022; the per-context fine-tuning baseline of Chen et al., Generative
+    Adapter, ICLR 2025.
   """
   targets = tuple(targets)
   if not targets:
@@ -120,21 +131,32 @@ def lora_sft(
       per_row = -jnp.sum(logp * valid, 1) / jnp.maximum(count, 1)
       return jnp.sum(per_row)
 
-    def keep_dead_rows(new, old):
-      # Leaves with a batch axis ([L, B, ...]) keep dead rows as they were.
-      if new.ndim >= 2 and new.shape[1] == live.shape[0]:
-        shape = (1, -1) + (1,) * (new.ndim - 2)
-        return jnp.where(live.reshape(shape), new, old)
-      return new
+    def per_row(x):  # leaves with a batch axis: [L, B, ...]
+      return x.ndim >= 2 and x.shape[1] == live.shape[0]
+
+    def row_finite(tree):
+      rows = [
+        jnp.all(jnp.isfinite(jnp.moveaxis(x, 1, 0).reshape(x.shape[1], -1)), 1)
+        for x in jax.tree.leaves(tree)
+        if per_row(x)
+      ]
+      return jnp.all(jnp.stack(rows), 0)
 
     def step(_, carry):
       lora, opt_state = carry
-      grads = jax.grad(loss_fn)(lora)
-      updates, new_opt = opt.update(grads, opt_state, lora)
-      new_lora = optax.apply_updates(lora, updates)
+      _, grads = grad_step.inner_value_and_grad(loss_fn)(lora)
+      new_lora, new_opt = grad_step.update(opt, grads, opt_state, lora)
+      take = live & row_finite(new_lora)
+
+      def keep(new, old):  # rows not taken keep their LoRA and Adam state
+        if per_row(new):
+          shape = (1, -1) + (1,) * (new.ndim - 2)
+          return jnp.where(take.reshape(shape), new, old)
+        return new
+
       return (
-        jax.tree.map(keep_dead_rows, new_lora, lora),
-        jax.tree.map(keep_dead_rows, new_opt, opt_state),
+        jax.tree.map(keep, new_lora, lora),
+        jax.tree.map(keep, new_opt, opt_state),
       )
 
     lora, opt_state = jax.lax.fori_loop(
