@@ -60,6 +60,15 @@ def generative_adapter(
       match the trained generator passed as `meta`.
     max_new_tokens, stop_ids, pad_id, sampling: as in
       `prompting.no_context`.
+
+  Returns:
+    A `ContextMethod` whose state is the running Gram state of every
+    adapted layer (d_r x d_r per layer and row) and the key of the
+    randomised SVD; its `meta` is the generator's parameters.
+
+  References:
+    Chen et al., Generative Adapter: Contextualizing Language Models in
+    Parameters with a Single Forward Pass, ICLR 2025.
   """
   gc = generator_config(generator)
 
