@@ -32,6 +32,9 @@ Arguments (`--config=configs/generative_adapter.py:ARG`):
     (Frobenius normalisation, reconstruction only, completion only, the
     FFN down-projection target), each for `ablation_steps` steps beside a
     default run of the same length.
+  quick: a shorter evaluation (knowledge at k = 128, 4-shot ICL and
+    personalisation on fewer episodes, 8 held-out articles) for a busy
+    machine; training is unchanged.
   small: a seconds-long version (tests; pair with a tiny model).
 """
 
@@ -82,7 +85,9 @@ def _trainer(**overrides):
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, small=False, ablations=False, ablation_steps=150)
+  arg = common.parse_arg(
+    arg, small=False, quick=False, ablations=False, ablation_steps=150
+  )
   config = ml_collections.ConfigDict()
   config.runner = 'lm'
   config.seed = 0
@@ -191,6 +196,14 @@ def get_config(arg=None):
     config.tasks = dict(
       facts_128=dict(**facts, num_episodes=48, people_per_episode=2)
     )
+
+  if arg.quick:
+    config.tasks = dict(
+      facts_128=config.tasks.facts_128,
+      icl_4=dict(task='icl', num_episodes=16, shots=4, questions_per_episode=2),
+      personalization=dict(num_episodes=16, questions_per_episode=2),
+    )
+    config.text.max_docs = 8
 
   if arg.small:
     tiny = dict(d_r=16, rank=4, alpha=1.0, window=48)
