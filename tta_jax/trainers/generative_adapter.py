@@ -260,8 +260,8 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
   }
   # The newest checkpoint whose checksum verifies (a damaged one is
   # skipped with a warning).
-  step, restored = ctx.checkpointer.restore_latest(template)
-  if step is not None:
+  found, restored = ctx.checkpointer.restore_latest(template)
+  if found is not None:
     gen, opt_state = restored['gen'], restored['opt_state']
     start, skipped = int(restored['step']), int(restored['skipped'])
     logging.info('generative_adapter: resumed at step %d', start)
