@@ -1,4 +1,5 @@
-"""The LM runner end to end through the adapt binary, on a tiny GGUF model.
+"""The LM runner end to end through the adapt binary's entry point, on a
+tiny GGUF model.
 
 `python -m experiments.adapt_main --config=configs/lm_smollm2.py:small`
 with the model swapped for a tiny random Llama written as a GGUF file, so
@@ -15,26 +16,22 @@ from tta_jax.runners import lm
 
 
 def _run_main(workdir, **overrides):
-  """`python -m experiments.adapt_main --config=configs/lm_smollm2.py:small
-  --workdir=WORKDIR --config.KEY=VALUE...`, in this process."""
-  from experiments import adapt_main
+  """What `python -m experiments.adapt_main
+  --config=configs/lm_smollm2.py:small --workdir=WORKDIR --config.KEY=VALUE`
+  runs after parsing: the config check, then `adapt.run`."""
+  from configs import lm_smollm2
+  from tta_jax.runners import adapt
 
-  flags = adapt_main.FLAGS
-  try:
-    flags([
-      'adapt_main',
-      '--config=configs/lm_smollm2.py:small',
-      f'--workdir={workdir}',
-    ])  # fmt: skip
-    for key, value in overrides.items():
-      *parents, leaf = key.split('.')
-      node = flags.config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-    adapt_main.main(['adapt_main'])
-  finally:
-    flags.unparse_flags()
+  config = lm_smollm2.get_config('small')
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.lock()
+  adapt.validate_config(config)
+  adapt.run(config, str(workdir))
 
 
 def test_adapt_main_runs_the_lm_runner_and_resumes(tmp_path, monkeypatch):

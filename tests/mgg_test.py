@@ -230,15 +230,25 @@ def test_method_steps_are_bounded_and_reset_is_bit_identical():
   assert not np.array_equal(first[0], first[3])  # adaptation happened
 
 
-def test_non_finite_batch_is_skipped_and_counted():
+def test_non_finite_gradient_is_skipped_and_counted():
   adapter, apply_fn, variables = _adapter()
   meta = _tiny_meta(apply_fn, variables)
   step = jax.jit(adapter.step)
   state = adapter.init(variables, jax.random.key(0))
   state, _ = step(state, test_utils.fake_batch(0, 16, labels=False), meta=meta)
+  # An Inf pixel is masked out before the step (the input policy): the
+  # update goes on from the other rows.
   bad = test_utils.fake_batch(1, 16, labels=False)
   bad['image'][3, 2, 2, 0] = np.inf
+  _, out = step(state, bad, meta=meta)
+  assert float(out.metrics['invalid_rows']) == 1.0
+  assert float(out.metrics['skipped']) == 0.0
+  # A finite row that overflows the batch statistics makes the gradient
+  # non-finite: MGG's optimiser skips the batch and counts it.
+  bad = test_utils.fake_batch(1, 16, labels=False)
+  bad['image'][3] = 3e38
   new, out = step(state, bad, meta=meta)
+  assert float(out.metrics['invalid_rows']) == 0.0
   assert float(out.metrics['skipped']) == 1.0
   assert float(out.metrics['n_skipped']) == 1.0
   assert test_utils.trees_equal(new.params, state.params)

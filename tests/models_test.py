@@ -16,12 +16,17 @@ EXPECTED = {
   'wide_resnet28_10': ((32, 32, 3), 36_479_194, 25),
   'resnet18': ((64, 64, 3), 11_181_642, 20),
   'resnet50': ((64, 64, 3), 23_528_522, 53),
+  'digits_vit': ((28, 28, 1), None, 0),
+  'vit_base_patch16_224': ((224, 224, 3), 85_806_346, 0),  # timm's, 10 classes
 }
+# Vision-language classifiers: their heads are class text features, built
+# from class names; tests/vlm_test.py and tests/vlm_runner_test.py cover them.
+VISION_LANGUAGE = {'vlm_digits', 'vlm_clip'}
 
 
 class RegistryTest(parameterized.TestCase):
   def test_every_model_is_covered(self):
-    self.assertEqual(set(models.MODELS), set(EXPECTED))
+    self.assertEqual(set(models.MODELS), set(EXPECTED) | VISION_LANGUAGE)
 
   @parameterized.named_parameters(*[(n, n) for n in EXPECTED])
   def test_structure(self, name):
@@ -42,8 +47,33 @@ class RegistryTest(parameterized.TestCase):
       self.assertEqual(
         sum(x.size for x in jax.tree.leaves(variables['params'])), n_params
       )
-    mask = params_lib.bn_affine(variables['params'], variables['batch_stats'])
+    mask = params_lib.bn_affine(
+      variables['params'], variables.get('batch_stats', {})
+    )
     self.assertEqual(params_lib.count(mask), 2 * n_bn)
+
+  @parameterized.parameters(
+    # OpenAI's CLIP parameter counts plus the 4 x 512 context vectors.
+    ('ViT-B/16', 149_620_737 + 4 * 512),
+    ('RN50', 102_007_137 + 4 * 512),
+  )
+  def test_clip_structure(self, arch, n_params):
+    module = models.build(
+      'vlm_clip', classnames=('cat', 'dog', 'bird'), arch=arch
+    )
+    x = jnp.zeros((2, 224, 224, 3))
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    (logits, feats), _ = jax.eval_shape(
+      lambda v: module.apply(
+        v, x, bn_mode=models.BATCH, mutable=['batch_stats']
+      ),
+      variables,
+    )
+    self.assertEqual(logits.shape, (2, 3))
+    self.assertIn('pre_logits', feats)
+    self.assertEqual(
+      sum(x.size for x in jax.tree.leaves(variables['params'])), n_params
+    )
 
   def test_unknown_model(self):
     with self.assertRaisesRegex(ValueError, 'valid:.*resnet50'):

@@ -210,8 +210,9 @@ def check(config) -> list[str]:
       f'unknown model {config.model.name!r}; valid: {sorted(models.MODELS)}'
     )
   benchmarks.check_data_config(config.data)
-  for path in ('epochs', 'batch_size'):
-    _number(config, f'pretrain.{path}', low=0, integer=True)
+  for path in ('epochs', 'steps', 'batch_size'):  # epoch- or step-counted
+    if path in config.pretrain:
+      _number(config, f'pretrain.{path}', low=0, integer=True)
   _number(config, 'pretrain.learning_rate', low=0)
   context = {
     'source_images': np.zeros((1, 1, 1, 1), np.float32),

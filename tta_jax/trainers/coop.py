@@ -110,8 +110,8 @@ def train(
     'opt_state': tx.init(trainable),
     'epoch': np.int32(0),
   }
-  step, restored = ctx.checkpointer.restore_latest(state)
-  if step is not None:
+  saved_at, restored = ctx.checkpointer.restore_latest(state)
+  if saved_at is not None:
     state = restored
     logging.info('coop: resuming at epoch %d', int(state['epoch']))
   apply_fn, batch_stats = ctx.apply_fn, variables['batch_stats']

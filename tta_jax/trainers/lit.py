@@ -247,8 +247,8 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
     'opt_state': tx.init(_trainable(params)),
     'step': np.int32(0),
   }
-  step, restored = ctx.checkpointer.restore_latest(state)
-  if step is not None:
+  saved_at, restored = ctx.checkpointer.restore_latest(state)
+  if saved_at is not None:
     state = restored
     logging.info('lit: resuming at step %d', int(state['step']))
   frozen = {k: v for k, v in params.items() if k not in state['params']}

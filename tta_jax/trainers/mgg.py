@@ -257,8 +257,8 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
     'best_epoch': np.int64(0),
     'epoch': np.int64(0),
   }
-  step, restored = ctx.checkpointer.restore_latest(state)
-  if step is not None:
+  saved_at, restored = ctx.checkpointer.restore_latest(state)
+  if saved_at is not None:
     state = restored
     logging.info('mgg: resuming pre-training at epoch %d', int(state['epoch']))
   steps = cfg['num_images'] // cfg['batch_size']

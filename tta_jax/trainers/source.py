@@ -173,8 +173,8 @@ def train(
     'epoch': np.int32(0),
   }
   ckpt = checkpoint.StateCheckpointer(checkpoint_dir)
-  step, restored = ckpt.restore_latest(state)
-  if step is not None:
+  saved_at, restored = ckpt.restore_latest(state)
+  if saved_at is not None:
     state = restored
     logging.info('Resuming source training at epoch %d', int(state['epoch']))
 
