@@ -28,6 +28,10 @@ def get_config(arg=None):
   config.methods = 'no_context,prompting'
   # Extra keyword arguments of each method's factory.
   config.method_configs = {'no_context': {}, 'prompting': {}}
+  # Trained LM methods (experiments.meta_train_main; see
+  # configs/generative_adapter.py): none here.
+  config.meta_methods = ''
+  config.meta_train = {}
   config.split = 'test'
   config.tasks = dict(
     facts=dict(num_episodes=64, people_per_episode=2, questions_per_episode=3),

@@ -12,4 +12,4 @@ workdir evaluates them. See tta_jax.runners.train.
 from tta_jax.runners import cli, train
 
 if __name__ == '__main__':
-  cli.main(train.run)
+  cli.main(train.run, check=train.validate_config)

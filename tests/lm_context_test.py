@@ -1,6 +1,8 @@
 """The context-method contract over every `LM_METHODS` entry, and the
 exact equivalences of the two reference methods."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 
 from tests import lm_fixtures
 from tta_jax._src import context
-from tta_jax.methods import prompting
+from tta_jax.methods import generative_adapter, lora_sft, prompting
+from tta_jax.models.generators import generative_adapter as ga
 from tta_jax.models.lm import generate, model
 
 B, L = 2, 6
@@ -33,12 +36,29 @@ def _chunk(seed, b=B, t=L, pad_tail=0):
   return context.TokenChunk(jnp.asarray(ids), jnp.asarray(mask))
 
 
+GENERATOR = ga.GAConfig(d_r=16, rank=4, alpha=4.0, window=L)
+
+
 def _methods(config):
   kw = dict(max_new_tokens=4)
   return {
     'no_context': prompting.no_context(config, **kw),
     'prompting': prompting.prompting(config, max_context_tokens=3 * L, **kw),
+    'lora_sft': lora_sft.lora_sft(config, rank=2, steps=2, **kw),
+    'generative_adapter': generative_adapter.generative_adapter(
+      config, generator=GENERATOR, **kw
+    ),
   }
+
+
+def _meta(config, name):
+  """The trained meta-parameters a method needs (a generator with a
+  non-zero output projection), or None."""
+  if name != 'generative_adapter':
+    return None
+  gen = ga.init(GENERATOR, config, jax.random.key(2))
+  gen['w_o'] = 0.3 * jax.random.normal(jax.random.key(3), gen['w_o'].shape)
+  return gen
 
 
 def test_every_method_is_covered(tiny):
@@ -48,9 +68,13 @@ def test_every_method_is_covered(tiny):
 @pytest.mark.parametrize('name', sorted(prompting.LM_METHODS))
 def test_contract(tiny, name):
   config, params = tiny
-  method = _methods(config)[name]
+  method, meta = _methods(config)[name], _meta(config, name)
   init = jax.jit(method.init, static_argnums=(2,))
-  absorb = jax.jit(method.absorb, donate_argnums=(1,))
+  absorb = jax.jit(
+    functools.partial(method.absorb, meta=meta), donate_argnums=(1,)
+  )
+  answer = jax.jit(functools.partial(method.answer, meta=meta))
+  score = jax.jit(functools.partial(method.score, meta=meta))
   state = init(params, jax.random.key(0), B)
   structure = jax.tree.structure(state)
   state = absorb(params, state, _chunk(1))
@@ -67,14 +91,27 @@ def test_contract(tiny, name):
     finally:
       logging.getLogger('jax').removeHandler(handler)
   assert not [r for r in records if 'Compiling' in r.getMessage()]
-  gen = jax.jit(method.answer)(params, state, _chunk(3))
+  gen = answer(params, state, _chunk(3))
   assert gen.tokens.shape == (B, 4)
-  logp = jax.jit(method.score)(params, state, _chunk(4))
+  logp = score(params, state, _chunk(4))
   assert logp.shape == (B, L - 1)
   assert np.isfinite(np.asarray(logp)).all() and (np.asarray(logp) <= 0).all()
   # The same state and prompt give the same answer (state not consumed).
-  again = jax.jit(method.answer)(params, state, _chunk(3))
+  again = answer(params, state, _chunk(3))
   np.testing.assert_array_equal(gen.tokens, again.tokens)
+  # An all-padding chunk leaves what a method learned unchanged (the
+  # prompting cache is checked on its answers below).
+  learned = {
+    'lora_sft': lambda st: st.lora,
+    'generative_adapter': lambda st: st.context,
+  }.get(name)
+  if learned is not None:
+    empty = context.TokenChunk(
+      jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L), bool)
+    )
+    before = jax.tree.map(np.asarray, learned(state))
+    after = learned(absorb(params, state, empty))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
 def test_prompting_equals_the_full_prompt(tiny):

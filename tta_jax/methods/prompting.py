@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from tta_jax._src import context
+from tta_jax.methods import generative_adapter, lora_sft
 from tta_jax.models.lm import generate, model
 
 
@@ -165,4 +166,6 @@ def context_fits(state) -> bool:
 LM_METHODS: dict[str, Callable[..., context.ContextMethod]] = {
   'no_context': no_context,
   'prompting': prompting,
+  'lora_sft': lora_sft.lora_sft,
+  'generative_adapter': generative_adapter.generative_adapter,
 }

@@ -35,36 +35,84 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tta_jax._src import context, text_metrics
+from tta_jax import trainers
+from tta_jax._src import checkpoint, context, text_metrics
 from tta_jax.data.text import corpora, synthetic
-from tta_jax.methods import prompting
+from tta_jax.methods import generative_adapter, prompting
+from tta_jax.models.generators import generative_adapter_import as ga_import
 from tta_jax.models.lm import generate, load as load_lib
-from tta_jax.runners import configs
+from tta_jax.runners import artifacts, configs
+from tta_jax.trainers import lm_base
 
 TEXT_DOMAIN = 'wiki'
+# Held-out windows scored with themselves as the context (reconstruction).
+RECON_DOMAIN = 'wiki_recon'
+# Keys of `method_configs.<name>` the LM runner reads (not the factory):
+# `generator_checkpoint` is an official Generative Adapter checkpoint
+# directory to evaluate instead of a generator trained here.
+RUNNER_KEYS = configs.RUNNER_KEYS + ('generator_checkpoint',)
+
+
+def method_factory(config, name: str) -> str:
+  """The `LM_METHODS` entry of a (possibly variant) method name: a name
+  with `method_configs.<name>.method` uses that method's factory."""
+  return configs.resolve(config, name, prompting.LM_METHODS)
+
+
+def trained_names(config) -> list[str]:
+  """`config.meta_methods`: the LM methods whose trainers run first."""
+  names = configs._names(config.meta_methods)
+  registry = trainers.LM_TRAINERS
+  unknown = [
+    m for m in names if configs.resolve(config, m, registry) not in registry
+  ]
+  if unknown:
+    raise ValueError(
+      f'no LM trainer for {unknown}; valid: {sorted(registry)} (or '
+      'method_configs variants of them)'
+    )
+  missing = [m for m in names if m not in config.meta_train]
+  if missing:
+    raise ValueError(f'no config.meta_train entry for {missing}')
+  return names
+
+
+def artifacts_owner(config, name: str) -> str | None:
+  """Whose trained generator a method uses (`meta_from`, or its own when
+  it is trained), or None."""
+  entry = config.method_configs.get(name, {})
+  if entry.get('generator_checkpoint'):
+    return None  # an official checkpoint, nothing trained here
+  if entry.get('meta_from'):
+    return entry['meta_from']
+  return name if name in trained_names(config) else None
 
 
 def validate_config(config) -> list[str]:
   names = [m.strip() for m in config.methods.split(',') if m.strip()]
+  valid = sorted(set(prompting.LM_METHODS) | set(config.method_configs))
   if not names:
-    raise ValueError(
-      f'config.methods is empty; valid: {sorted(prompting.LM_METHODS)}'
-    )
-  unknown = [m for m in names if m not in prompting.LM_METHODS]
+    raise ValueError(f'config.methods is empty; valid: {valid}')
+  unknown = [
+    m for m in names if method_factory(config, m) not in prompting.LM_METHODS
+  ]
+  if unknown:
+    raise ValueError(f'unknown LM methods {unknown}; valid: {valid}')
+  unknown = [
+    t for t, spec in config.tasks.items()
+    if spec.get('task', t) not in synthetic.TASKS
+  ]  # fmt: skip
   if unknown:
     raise ValueError(
-      f'unknown LM methods {unknown}; valid: {sorted(prompting.LM_METHODS)}'
-    )
-  unknown = [t for t in config.tasks if t not in synthetic.TASKS]
-  if unknown:
-    raise ValueError(
-      f'unknown tasks {unknown}; valid: {sorted(synthetic.TASKS)}'
+      f'unknown tasks {unknown}; valid: {sorted(synthetic.TASKS)} (or '
+      "entries naming one with task='...')"
     )
   if config.prompt_format not in ('completion', 'chat'):
     raise ValueError(
       "prompt_format must be 'completion' or 'chat', got "
       f'{config.prompt_format!r}'
     )
+  trained_names(config)
   return names
 
 
@@ -73,6 +121,9 @@ def config_hash(config, name: str) -> str:
           'chunk_tokens', 'batch_size', 'max_new_tokens', 'bucket')  # fmt: skip
   relevant = {k: config[k] for k in keys}
   relevant['method'] = config.method_configs.get(name, {})
+  owner = artifacts_owner(config, name)
+  if owner is not None:  # a re-trained generator is re-evaluated
+    relevant['trained'] = trainer_settings(config, owner)
   blob = json.dumps(configs.jsonable(relevant), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -93,8 +144,9 @@ def build_tasks(config) -> dict[str, list[synthetic.Episode]]:
   for name, spec in config.tasks.items():
     kwargs = dict(spec)
     n = kwargs.pop('num_episodes')
+    task = kwargs.pop('task', name)  # e.g. facts_512: facts at ~512 tokens
     out[name] = synthetic.build(
-      name, n, split=config.split, seed=config.seed, **kwargs
+      task, n, split=config.split, seed=config.seed, **kwargs
     )
   return out
 
@@ -160,13 +212,21 @@ class _Meter:
 
 
 class _Compiled:
-  """The method's functions, jitted once (state donated on absorb)."""
+  """The method's functions, jitted once (state donated on absorb), with
+  its meta-parameters (a trained generator, or None) bound."""
 
-  def __init__(self, method: context.ContextMethod, batch_size: int):
+  def __init__(self, method: context.ContextMethod, batch_size: int,
+               meta=None):  # fmt: skip
     self.init = jax.jit(method.init, static_argnums=(2,))
-    self.absorb = jax.jit(method.absorb, donate_argnums=(1,))
-    self.answer = jax.jit(method.answer)
-    self.score = jax.jit(method.score)
+    absorb = jax.jit(
+      lambda p, s, c, m: method.absorb(p, s, c, meta=m), donate_argnums=(1,)
+    )
+    answer = jax.jit(lambda p, s, c, m, r: method.answer(p, s, c, meta=m,
+                                                         rng=r))  # fmt: skip
+    score = jax.jit(lambda p, s, c, m: method.score(p, s, c, meta=m))
+    self.absorb = lambda p, s, c: absorb(p, s, c, meta)
+    self.answer = lambda p, s, c, rng=None: answer(p, s, c, meta, rng)
+    self.score = lambda p, s, c: score(p, s, c, meta)
     self.batch_size = batch_size
 
 
@@ -257,13 +317,23 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
     'exact_match': scores['exact_match'],
     'f1': scores['f1'],
     'n': len(preds),
+    'context_tokens': float(np.mean([len(c) for c in contexts])),
     **meter.summary(),
     'examples': examples,
   }
 
 
-def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
-  """Perplexity of each held-out window given the previous one."""
+def run_text(name, fns, lm, windows: corpora.Windows, config, rng,
+             mode: str = 'completion'):  # fmt: skip
+  """Perplexity of held-out windows given a context window.
+
+  `mode` 'completion': each window (that has one) given the window before
+  it in its document; 'reconstruction': the same windows given
+  themselves. Contexts are streamed in `config.chunk_tokens` chunks.
+  """
+  if mode not in ('completion', 'reconstruction'):
+    raise ValueError(f'unknown text mode {mode!r}')
+  domain = TEXT_DOMAIN if mode == 'completion' else RECON_DOMAIN
   prev = {
     (d, p): i
     for i, (d, p) in enumerate(zip(windows.doc, windows.part, strict=True))
@@ -277,15 +347,25 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
     raise ValueError(
       'no held-out window has a previous window; use longer documents'
     )
+  width = windows.tokens.shape[1]
+  length = min(config.chunk_tokens, width)
+  num_chunks = -(-width // length)
   nll, count, meter = 0.0, 0, _Meter()
   b = config.batch_size
   for bi, (idx, real) in enumerate(_batches(len(targets), b)):
     rows = [targets[i] for i in idx]
-    ctx = [prev[(windows.doc[r], windows.part[r] - 1)] for r in rows]
-    state = fns.init(lm.params, jax.random.fold_in(rng, bi), b)
-    state = _absorb_all(
-      fns, lm.params, state, windows.tokens[ctx][None], windows.mask[ctx][None]
+    if mode == 'completion':
+      ctx = [prev[(windows.doc[r], windows.part[r] - 1)] for r in rows]
+    else:
+      ctx = rows
+    tokens, mask = context.chunk_stream(
+      [windows.tokens[c][windows.mask[c]].tolist() for c in ctx],
+      length,
+      pad_id=lm.tokenizer.pad_id,
+      num_chunks=num_chunks,
     )
+    state = fns.init(lm.params, jax.random.fold_in(rng, bi), b)
+    state = _absorb_all(fns, lm.params, state, tokens, mask)
     text = context.TokenChunk(
       jnp.asarray(windows.tokens[rows]), jnp.asarray(windows.mask[rows])
     )
@@ -301,7 +381,7 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
       logging.info(
         '%s/%s: %d/%d windows, perplexity %.2f, %.0f tokens/s',
         name,
-        TEXT_DOMAIN,
+        domain,
         min(len(targets), (bi + 1) * b),
         len(targets),
         text_metrics.perplexity(nll, count),
@@ -316,6 +396,17 @@ def run_text(name, fns, lm, windows: corpora.Windows, config, rng):
   }
 
 
+def text_modes(config, windows) -> list[tuple[str, str]]:
+  """(mode, domain) of the held-out text domains: completion ('wiki'),
+  and reconstruction ('wiki_recon') when `config.text.reconstruction`."""
+  if windows is None:
+    return []
+  modes = [('completion', TEXT_DOMAIN)]
+  if config.text.get('reconstruction', False):
+    modes.append(('reconstruction', RECON_DOMAIN))
+  return modes
+
+
 def build_method(name, config, lm, tasks, windows):
   """The method's factory called with the config's keyword arguments."""
   tok = lm.tokenizer
@@ -324,7 +415,7 @@ def build_method(name, config, lm, tasks, windows):
     stop_ids=tok.stop_ids,
     pad_id=tok.pad_id,
   )
-  factory = prompting.LM_METHODS[name]
+  factory = prompting.LM_METHODS[method_factory(config, name)]
   if 'max_context_tokens' in inspect.signature(factory).parameters:
     # Context slots (e.g. a KV cache) for the longest context stream.
     need = [1]
@@ -336,8 +427,56 @@ def build_method(name, config, lm, tasks, windows):
     if windows is not None:
       need.append(windows.tokens.shape[1])
     kwargs['max_context_tokens'] = max(need)
-  kwargs.update(dict(config.method_configs.get(name, {})))
+  kwargs.update(method_kwargs(config, name))
   return factory(lm.config, **kwargs)
+
+
+def method_kwargs(config, name: str) -> dict[str, Any]:
+  """The factory's keyword arguments of a method (no runner keys)."""
+  if name not in config.method_configs:
+    return {}
+  kwargs = config.method_configs[name].to_dict()
+  for key in RUNNER_KEYS:
+    kwargs.pop(key, None)
+  return kwargs
+
+
+def load_meta(config, name: str, workdir, lm_config=None):
+  """The trained meta-parameters a method uses (None if it has none)."""
+  path = config.method_configs.get(name, {}).get('generator_checkpoint')
+  if path:
+    return official_generator(config, name, path, lm_config)
+  owner = artifacts_owner(config, name)
+  if owner is None:
+    return None
+  directory = artifacts.trained_dir(workdir, owner)
+  if not artifacts.is_trained(directory):
+    raise FileNotFoundError(
+      f'{name}: no trained {owner!r} in {directory}; run '
+      'experiments.meta_train_main with this config and workdir first'
+    )
+  artifacts.check_settings(
+    directory / 'metadata.json', trainer_settings(config, owner), 'training'
+  )
+  return jax.tree.map(jnp.asarray, artifacts.load_meta(directory))
+
+
+def official_generator(config, name: str, path, lm_config):
+  """An official checkpoint's generator, checked against the method's
+  generator settings (a mismatch names both)."""
+  want = generative_adapter.generator_config(
+    method_kwargs(config, name).get('generator')
+  )
+  found, gen = ga_import.load_official(
+    path, lm_config, svd=want.svd, niter=want.niter, tau=want.tau
+  )
+  for key in ('d_r', 'rank', 'alpha', 'target', 'norm'):
+    if getattr(found, key) != getattr(want, key):
+      raise ValueError(
+        f'{name}: the checkpoint in {path} has {key}={getattr(found, key)!r}'
+        f' but the config asks for {getattr(want, key)!r}'
+      )
+  return jax.tree.map(jnp.asarray, gen)
 
 
 def run_method(name, config, lm, tasks, windows, workdir) -> dict[str, Any]:
@@ -349,7 +488,9 @@ def run_method(name, config, lm, tasks, windows, workdir) -> dict[str, Any]:
       logging.info('%s: already done (%s)', name, done)
       return cached
   fns = _Compiled(
-    build_method(name, config, lm, tasks, windows), config.batch_size
+    build_method(name, config, lm, tasks, windows),
+    config.batch_size,
+    load_meta(config, name, workdir, lm.config),
   )
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   doms = {}
@@ -364,15 +505,15 @@ def run_method(name, config, lm, tasks, windows, workdir) -> dict[str, Any]:
       doms[task]['n'],
       doms[task]['tokens_per_second'],
     )
-  if windows is not None:
-    doms[TEXT_DOMAIN] = run_text(name, fns, lm, windows, config, rng)
+  for mode, domain in text_modes(config, windows):
+    doms[domain] = run_text(name, fns, lm, windows, config, rng, mode)
     logging.info(
       '%s/%s: perplexity %.3f (%d tokens, %.0f tokens/s)',
       name,
-      TEXT_DOMAIN,
-      doms[TEXT_DOMAIN]['perplexity'],
-      doms[TEXT_DOMAIN]['scored_tokens'],
-      doms[TEXT_DOMAIN]['tokens_per_second'],
+      domain,
+      doms[domain]['perplexity'],
+      doms[domain]['scored_tokens'],
+      doms[domain]['tokens_per_second'],
     )
   qa = [d for d in tasks]
   seconds = sum(d['seconds'] for d in doms.values())
@@ -402,9 +543,9 @@ def run_method(name, config, lm, tasks, windows, workdir) -> dict[str, Any]:
 
 def markdown_table(results) -> str:
   qa, doms = results['qa_domains'], results['domains']
+  texts = [d for d in (TEXT_DOMAIN, RECON_DOMAIN) if d in doms]
   header = ['method'] + [f'{d} EM / F1' for d in qa]
-  if TEXT_DOMAIN in doms:
-    header.append(f'{TEXT_DOMAIN} ppl')
+  header += [f'{d} ppl' for d in texts]
   header += ['mean err', 'tok/s']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for name, m in results['methods'].items():
@@ -412,8 +553,7 @@ def markdown_table(results) -> str:
     row = [name] + [
       f'{100 * d[t]["exact_match"]:.1f} / {100 * d[t]["f1"]:.1f}' for t in qa
     ]
-    if TEXT_DOMAIN in doms:
-      row.append(f'{d[TEXT_DOMAIN]["perplexity"]:.2f}')
+    row += [f'{d[t]["perplexity"]:.2f}' for t in texts]
     row += [f'{100 * m["mean_error"]:.1f}', f'{m["tokens_per_second"]:.0f}']
     lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
@@ -490,7 +630,7 @@ def run(config, workdir) -> dict[str, Any]:
   results = {
     'config': configs.jsonable(config),
     'model': load_lib.describe(lm),
-    'domains': list(tasks) + ([TEXT_DOMAIN] if windows is not None else []),
+    'domains': list(tasks) + [d for _, d in text_modes(config, windows)],
     'qa_domains': list(tasks),
     'methods': {},
   }
@@ -500,3 +640,136 @@ def run(config, workdir) -> dict[str, Any]:
     )
   write(results, workdir)
   return results
+
+
+# ----------------------------------------------------------------------------
+# Training (experiments.meta_train_main with an LM config).
+
+
+def trainer_settings(config, name: str) -> dict:
+  """What a trained LM method depends on, as plain JSON data (a phase
+  that starts from another phase depends on that one's settings too)."""
+  hp = config.meta_train[name]
+  settings = configs.jsonable(
+    {
+      'meta_train': hp,
+      'method': method_kwargs(config, name),
+      'model': config.model,
+      'train_text': config.train_text,
+      'seed': config.seed,
+    }
+  )
+  if hp.get('init_from'):
+    settings['init_from'] = trainer_settings(config, hp.init_from)
+  return settings
+
+
+def train_documents(config) -> list[corpora.Document]:
+  """The train side of every `config.train_text.corpora` corpus (split as
+  the held-out text is, so no held-out document is ever trained on)."""
+  t = config.train_text
+  loaders = {'wikipedia': corpora.wikipedia, 'lee': corpora.lee}
+  unknown = [c for c in t.corpora if c not in loaders]
+  if unknown:
+    raise ValueError(f'unknown corpora {unknown}; valid: {sorted(loaders)}')
+  docs = []
+  for name in t.corpora:
+    train_docs, _ = corpora.split(
+      loaders[name](), held_out_fraction=config.text.held_out_fraction, seed=0
+    )
+    docs += train_docs
+  return docs
+
+
+def train_episodes(config, hp) -> dict[str, list[synthetic.Episode]]:
+  """Train-split episodes of `hp.tasks` (instruction tuning)."""
+  out = {}
+  for name, spec in hp.get('tasks', {}).items():
+    kwargs = dict(spec)
+    n = kwargs.pop('num_episodes')
+    task = kwargs.pop('task', name)
+    out[name] = synthetic.build(
+      task, n, split='train', seed=config.seed, **kwargs
+    )
+  return out
+
+
+def train(config, workdir) -> dict[str, Any]:
+  """Trains every `config.meta_methods` entry (in order), then returns
+  their metadata; `run` evaluates them. A finished trainer is skipped; an
+  interrupted one resumes from its checkpoint."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = trained_names(config)
+  if not names:
+    raise ValueError('config.meta_methods is empty: nothing to train')
+  lm = load_lib.load(
+    config.model.source,
+    dtype=config.model.dtype,
+    cache_dir=config.model.cache_dir or None,
+  )
+  documents = None
+  out = {}
+  for name in names:
+    hp = config.meta_train[name]
+    directory = artifacts.trained_dir(workdir, name)
+    current = trainer_settings(config, name)
+    artifacts.check_settings(directory / 'metadata.json', current, 'training')
+    if artifacts.is_trained(directory):
+      logging.info('%s: training already done (%s)', name, directory)
+      out[name] = json.loads((directory / 'metadata.json').read_text())
+      continue
+    progress = artifacts.trainer_progress_file(workdir, name)
+    artifacts.check_settings(progress, current, 'partial training')
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({'settings': current}, indent=2))
+    init_meta = None
+    if hp.get('init_from'):
+      if hp.init_from not in names[: names.index(name)]:
+        raise ValueError(
+          f'{name}: init_from={hp.init_from!r} must be trained before it '
+          '(list it earlier in config.meta_methods)'
+        )
+      init_meta = artifacts.load_meta(
+        artifacts.trained_dir(workdir, hp.init_from)
+      )
+    if documents is None:
+      documents = train_documents(config)
+    ctx = lm_base.LMTrainContext(
+      lm_config=lm.config,
+      lm_params=lm.params,
+      tokenizer=lm.tokenizer,
+      documents=documents,
+      episodes=train_episodes(config, hp),
+      hparams=hp,
+      method_kwargs=method_kwargs(config, name),
+      init_meta=init_meta,
+      seed=config.seed,
+      rng=jax.random.fold_in(jax.random.key(config.seed), 1),
+      checkpointer=checkpoint.StateCheckpointer(
+        artifacts.trainer_checkpoint_dir(workdir, name)
+      ),
+      log_every=config.log_every,
+    )
+    trainer = trainers.LM_TRAINERS[
+      configs.resolve(config, name, trainers.LM_TRAINERS)
+    ]
+    t0 = time.perf_counter()
+    logging.info('%s: training (%s)', name, configs.jsonable(hp))
+    result = trainer(ctx)
+    ctx.checkpointer.close()
+    metadata = {
+      'method': name,
+      'model': load_lib.describe(lm),
+      'seconds': time.perf_counter() - t0,
+      'settings': current,
+    }
+    artifacts.save_trained(directory, result, metadata)
+    out[name] = {**metadata, 'metrics': result.metrics}
+    logging.info(
+      '%s: trained in %.0fs: %s', name, metadata['seconds'], result.metrics
+    )
+  (workdir / 'meta_train.json').write_text(
+    json.dumps(out, indent=2, default=float)
+  )
+  return out

@@ -20,7 +20,7 @@ from absl import logging
 from tta_jax import trainers
 from tta_jax._src import checkpoint
 from tta_jax.data import benchmarks as benchmarks_lib, sources
-from tta_jax.runners import artifacts, configs, pretrain
+from tta_jax.runners import artifacts, configs, lm, pretrain
 from tta_jax.trainers import base
 
 
@@ -153,8 +153,22 @@ def validation_accuracies(config, workdir) -> dict[str, dict[str, float]]:
   return out
 
 
+def validate_config(config) -> list[str]:
+  """Checks the config before any work; returns what will run (for
+  language-model configs, `config.runner == 'lm'`, the trained methods of
+  `runners.lm`)."""
+  if config.get('runner') == 'lm':
+    lm.validate_config(config)
+    return lm.trained_names(config)
+  return configs.check(config)
+
+
 def run(config, workdir) -> dict:
-  """Trains on every benchmark of the config (see module docstring)."""
+  """Trains on every benchmark of the config (see module docstring).
+  Language-model configs (`config.runner == 'lm'`) train around their
+  frozen LM in `runners.lm.train`."""
+  if config.get('runner') == 'lm':
+    return lm.train(config, workdir)
   configs.check(config)  # fail on bad names and values before any training
   workdir = pathlib.Path(workdir)
   out = {

@@ -16,7 +16,9 @@ from tta_jax.trainers import (
   base,
   coop,
   generalizeformer,
+  generative_adapter,
   lit,
+  lm_base,
   meta_ttt,
   mgg,
   sapt,
@@ -37,4 +39,10 @@ TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
 # model.
 SOURCE_TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
   'lit': lit.train,
+}
+
+# Trainers around a frozen language model (`lm_base.LMTrainContext ->
+# base.TrainResult`), run by `tta_jax.runners.lm.train`.
+LM_TRAINERS: dict[str, Callable[[lm_base.LMTrainContext], base.TrainResult]] = {
+  'generative_adapter': generative_adapter.train,
 }
