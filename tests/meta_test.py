@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest
 from sklearn.datasets import load_digits
 
@@ -129,6 +130,7 @@ class LogProgressTest(absltest.TestCase):
 class MetaLearnTentLearningRateTest(absltest.TestCase):
   """Meta-learn Tent's learning rate through the unrolled stream."""
 
+  @pytest.mark.slow
   def test_meta_training_finds_a_better_learning_rate(self):
     apply_fn, variables, x, y = _trained_digits_net()
     adapter = methods.tent.tent(

@@ -5,6 +5,7 @@ import pathlib
 import tempfile
 
 import jax.numpy as jnp
+import pytest
 from absl.testing import absltest
 
 from configs import default
@@ -30,6 +31,7 @@ def _toy_trainer(ctx: base.TrainContext) -> base.TrainResult:
 
 
 class MetaTrainRunnerTest(absltest.TestCase):
+  @pytest.mark.slow
   def test_leave_one_domain_out_with_meta_artifacts(self):
     trainers.TRAINERS['toy'] = _toy_trainer
     try:

@@ -76,6 +76,7 @@ class _Stop(Exception):
 class ResumeTest(absltest.TestCase):
   """Interrupt at every position, resume, compare bit for bit."""
 
+  @pytest.mark.slow  # ~45 s; adapt_runner_test resumes in the default suite
   def test_resume_at_every_boundary_equals_uninterrupted(self):
     # Two domains of 40 digits in batches of 16: 3 + 3 batches (each
     # domain's last one padded), a checkpoint every 2 batches. BN-EMA
