@@ -60,6 +60,21 @@ Deviations from the papers' pipelines: images are resized (shorter side
 that square (TPT crops the raw image; CLIP resizes bicubically); CoOp's
 training crops are taken from the same square.
 
+The papers' top-1 accuracy (%), IN / A / V2 / R / Sketch. TPT's README,
+RN50: zero-shot 58.16 / 21.83 / 51.41 / 56.15 / 33.37, ensemble 59.81 /
+23.24 / 52.91 / 60.72 / 35.48, CoOp 63.33 / 23.06 / 55.40 / 56.60 / 34.67,
+TPT 60.74 / 26.67 / 54.70 / 59.11 / 35.09, TPT+CoOp 64.73 / 30.32 / 57.83
+/ 58.99 / 35.86. TLLA (v2, Table 1), ViT-B/16: CoOp 71.51 / 49.71 / 64.20
+/ 75.21 / 47.99, TPT+CoOp 73.30 / 56.88 / 66.60 / 73.80 / 49.40, ZERO+CoOp
+73.61 / 63.17 / 66.82 / 77.71 / 48.52, SAPT 70.79 / 51.04 / 64.41 / 77.66
+/ 49.31, STSS+CoOp 73.99 / 64.00 / 67.11 / 77.92 / 49.36, TLLA 74.01 /
+65.90 / 67.23 / 81.24 / 51.81.
+
+`meta_train_main` needs ImageNet's training set (`source_train_kwargs`,
+`clean_kwargs`); `adapt_main` opens them too unless
+`--config.data.source_train_name= --config.data.clean_name=` are given
+empty (the trained prompts are read from the workdir).
+
 Argument: `dataset=imagenet|a|v2|r|sketch` (default a), `arch=vit_b16|rn50`
 (default vit_b16), `rho=` (a single SAPT rho, no grid), `small` (a tiny
 random CLIP of the same layout for tests).
