@@ -21,6 +21,7 @@ INPUT_SHAPES = {
   'cifar10c': (32, 32, 3),
   'imagenet_c': (224, 224, 3),
   'mgg_imagenet': (224, 224, 3),
+  'vlm_imagenet': (224, 224, 3),
 }
 
 

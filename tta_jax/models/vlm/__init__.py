@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tta_jax.models.vision import digits as digits_cnn
-from tta_jax.models.vlm import bert, clip, dual_encoder, text
+from tta_jax.models.vlm import bert, clip, dual_encoder, imagenet, text
 from tta_jax.models.vlm.dual_encoder import (
   DualEncoder,
   VLMClassifier,
@@ -37,6 +37,7 @@ __all__ = [
   'clip_classifier',
   'context_mask',
   'digits_classifier',
+  'imagenet',
   'l2_normalize',
   'load_pretrained_text',
   'text',
@@ -190,11 +191,11 @@ def digits_classifier(
 def clip_classifier(
   num_classes: int | None = None,
   *,
-  classnames: Sequence[str],
+  classnames: str | Sequence[str],
   arch: str = 'ViT-B/16',
   arch_overrides: Mapping[str, Any] | None = None,
   prompt: str = 'context',
-  templates: Sequence[str] = ('a photo of a {}.',),
+  templates: str | Sequence[str] = ('a photo of a {}.',),
   n_ctx: int = 4,
   ctx_init: str = 'a photo of a',
   quick_gelu: bool = True,
@@ -205,9 +206,16 @@ def clip_classifier(
   Load weights into its variables with `clip_import.load_variables`.
   `quick_gelu` is True for OpenAI's checkpoints (and OpenCLIP's
   `-quickgelu` models), False for OpenCLIP's own GELU models.
+  `classnames` and `templates` may name packaged lists instead:
+  `'imagenet'` (`imagenet.classnames()`, the 1000 ImageNet classes;
+  `imagenet.templates()`, CLIP's 80 ImageNet prompts), so that a model
+  config (and a checkpoint's metadata) stays small and says where its
+  classes come from.
   """
   if arch not in clip.ARCHS:
     raise ValueError(f'unknown CLIP arch {arch!r}; valid: {sorted(clip.ARCHS)}')
+  classnames = _named(classnames, imagenet.NAMED_CLASSNAMES, 'classnames')
+  templates = _named(templates, imagenet.NAMED_TEMPLATES, 'templates')
   a = {**clip.ARCHS[arch], **dict(arch_overrides or {})}
   tok = clip.clip_tokenizer(bpe_path, a['context_length'])
   class_ids, init = _prompt_ids(
@@ -232,6 +240,15 @@ def clip_classifier(
     use_context=prompt == 'context',
     input_shape=(a['image_size'], a['image_size'], 3),
   )
+
+
+def _named(value, table, what):
+  """A packaged list named by `value` (a string), else `value`."""
+  if not isinstance(value, str):
+    return value
+  if value not in table:
+    raise ValueError(f'unknown {what} {value!r}; valid names: {sorted(table)}')
+  return table[value]()
 
 
 def vision_tower(a: Mapping[str, Any], quick_gelu: bool):

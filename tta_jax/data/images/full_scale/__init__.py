@@ -18,6 +18,8 @@ is not on disk is an error saying what to put where.
 | imagenet_c             | Hendrycks' ImageNet-C folders `<c>/<s>/<wnid>/`   |
 | imagenet_r, imagenet_a | TFDS, or the released folders `<wnid>/<file>`     |
 | imagenet_sketch        | TFDS, or the released folder `sketch/<wnid>/`     |
+| imagenet               | TFDS `imagenet2012` (any split), or `<wnid>/`     |
+| imagenet_v2            | TFDS `imagenet_v2`, or the released `<0..999>/`   |
 | domainnet              | TFDS `domainnet/<domain>` (345 classes)           |
 | pacs, vlcs,            | DomainBed folders `<root>/<domain>/<class>/`      |
 | office_home,           |                                                   |
@@ -81,6 +83,7 @@ from tta_jax.data.images.full_scale.imagenet import (
   imagenet_r,
   imagenet_sketch,
 )
+from tta_jax.data.images.full_scale.imagenet_clean import imagenet, imagenet_v2
 from tta_jax.data.images.full_scale.registry import (
   LOADERS,
   load_domains,
@@ -107,10 +110,12 @@ __all__ = [
   'hendrycks_c',
   'image_folder_domains',
   'imagenet2012_corrupted',
+  'imagenet',
   'imagenet_a',
   'imagenet_c',
   'imagenet_r',
   'imagenet_sketch',
+  'imagenet_v2',
   'load_domains',
   'office_home',
   'pacs',

@@ -28,6 +28,7 @@ from tta_jax.data.images.full_scale.imagenet import (
   imagenet_r,
   imagenet_sketch,
 )
+from tta_jax.data.images.full_scale.imagenet_clean import imagenet, imagenet_v2
 
 LOADERS: dict[str, Callable[..., list[sources.Domain]]] = {
   'cifar10_corrupted': cifar10_corrupted,
@@ -41,6 +42,8 @@ LOADERS: dict[str, Callable[..., list[sources.Domain]]] = {
   'imagenet_r': imagenet_r,
   'imagenet_a': imagenet_a,
   'imagenet_sketch': imagenet_sketch,
+  'imagenet': imagenet,
+  'imagenet_v2': imagenet_v2,
   'domainnet': domainnet,
   'pacs': pacs,
   'vlcs': vlcs,
