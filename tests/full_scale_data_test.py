@@ -575,6 +575,13 @@ class HendrycksTest(parameterized.TestCase):
       full_scale.cifar10_c(data_dir=root, corruptions=['fogg'])
 
 
+class UnpreparedTfdsTest(parameterized.TestCase):
+  @parameterized.parameters(('imagenet2012', 'validation'), ('cifar10', 'test'))
+  def test_an_unprepared_dataset_says_how_to_prepare_it(self, name, split):
+    with self.assertRaisesRegex(FileNotFoundError, 'never downloads'):
+      tfds_sources.open_data_source(name, split, _tempdir(self))
+
+
 class ImagenetFoldersTest(absltest.TestCase):
   """The released ImageNet-C / -R folder layouts, generated small."""
 

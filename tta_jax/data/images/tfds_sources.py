@@ -67,6 +67,7 @@ def open_data_source(name: str, split: str, data_dir: str | None = None):
     NotImplementedError,
     FileNotFoundError,
     AssertionError,
+    KeyError,  # imagenet2012 when its manual download is missing
     ValueError,
   ) as e:
     raise _not_prepared(name, split, data_dir, e) from e
