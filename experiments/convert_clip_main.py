@@ -20,15 +20,10 @@ OpenCLIP's GELU models (e.g. `ViT-B-16` trained on LAION-2B). Nothing is
 downloaded.
 """
 
-import hashlib
-import pathlib
-from typing import Any
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from tta_jax._src import checkpoint
 from tta_jax.models import vlm
-from tta_jax.models.vlm import clip, clip_import
+from tta_jax.models.vlm import clip_convert
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -48,78 +43,11 @@ flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint in --out.')
 flags.mark_flags_as_required(['checkpoint', 'out'])
 
 
-def _sha256(path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def model_config(
-  arch: dict[str, Any], classnames: str, quick_gelu: bool
-) -> dict[str, Any]:
-  """The `vlm_clip` model config of a checkpoint of architecture `arch`
-  (`clip_import.infer_arch`): a published size by name, any other as the
-  same family with `arch_overrides`."""
-  config: dict[str, Any] = {'name': 'vlm_clip'}
-  for name, published in clip.ARCHS.items():
-    if all(arch[k] == published[k] for k in arch):
-      config['arch'] = name
-      break
-  else:
-    config['arch'] = 'RN50' if arch['patch_size'] is None else 'ViT-B/16'
-    config['arch_overrides'] = {
-      k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()
-    }
-  config.update(classnames=classnames, quick_gelu=quick_gelu)
-  return config
-
-
-def convert(
-  path: str | pathlib.Path,
-  out: str | pathlib.Path,
-  *,
-  classnames: str = 'imagenet',
-  quick_gelu: bool = True,
-  overwrite: bool = False,
-) -> dict[str, Any]:
-  """Writes the source checkpoint of CLIP checkpoint `path` into `out`;
-  returns its metadata."""
-  out, path = pathlib.Path(out), pathlib.Path(path)
-  if checkpoint.has_variables(out) and not overwrite:
-    raise ValueError(f'{out} holds a checkpoint; pass --overwrite')
-  state = clip_import.read_state_dict(path)
-  config = model_config(clip_import.infer_arch(state), classnames, quick_gelu)
-  module = vlm.clip_classifier(
-    **{k: v for k, v in config.items() if k != 'name'}
-  )
-  variables = clip_import.load_variables(module, state)
-  metadata = {
-    **checkpoint.model_metadata(
-      config, module.input_shape, len(module.class_ids[0])
-    ),
-    'converted_from': {
-      'path': str(path.absolute()),
-      'sha256': _sha256(path),
-    },
-  }
-  checkpoint.save_variables(out, variables, metadata)
-  logging.info(
-    'Converted %d tensors of %s into %s (model %s).',
-    len(state),
-    path,
-    out,
-    {k: v for k, v in config.items() if k != 'arch_overrides'},
-  )
-  return metadata
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    convert(
+    clip_convert.convert(
       FLAGS.checkpoint,
       FLAGS.out,
       classnames=FLAGS.classnames,

@@ -1,6 +1,7 @@
 """CLIP at ImageNet scale: the packaged class names and templates, the
-checkpoint converter (`experiments.convert_clip_main`) on random CLIPs in
-OpenAI's layout, and `configs/vlm_imagenet.py`'s 200-class masks."""
+checkpoint converter (`models.vlm.clip_convert`, behind
+experiments/convert_clip_main.py) on random CLIPs in OpenAI's layout, and
+`configs/vlm_imagenet.py`'s 200-class masks."""
 
 import pathlib
 
@@ -11,12 +12,11 @@ import pytest
 from PIL import Image
 
 from configs import vlm_imagenet
-from experiments import convert_clip_main
 from tta_jax import models
 from tta_jax.data import benchmarks
 from tta_jax.data.images import full_scale
 from tta_jax.models import vlm
-from tta_jax.models.vlm import clip_import, imagenet
+from tta_jax.models.vlm import clip_convert, clip_import, imagenet
 from tta_jax.runners import artifacts
 
 
@@ -163,11 +163,11 @@ def test_converted_checkpoint_is_the_configs_source(tmp_path, arch):
   path = tmp_path / 'clip.safetensors'
   save_file(random_clip_state(a), str(path))
   out = tmp_path / 'src'
-  metadata = convert_clip_main.convert(path, out)
+  metadata = clip_convert.convert(path, out)
   assert metadata['model']['arch'] == config.model.arch
   assert metadata['num_classes'] == 1000
   with pytest.raises(ValueError, match='holds a checkpoint'):
-    convert_clip_main.convert(path, out)
+    clip_convert.convert(path, out)
 
   # What the runner does with --config.source_ckpt=out.
   config.source_ckpt = str(out)
@@ -201,7 +201,7 @@ def test_published_sizes_are_named():
   from tta_jax.models.vlm import clip
 
   for name, a in clip.ARCHS.items():
-    config = convert_clip_main.model_config(dict(a), 'imagenet', True)
+    config = clip_convert.model_config(dict(a), 'imagenet', True)
     assert config == {
       'name': 'vlm_clip',
       'arch': name,

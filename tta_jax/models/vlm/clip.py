@@ -333,7 +333,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def find_bpe_file() -> pathlib.Path:
-  """CLIP's merges file from an installed `open_clip_torch` or `clip`."""
+  """CLIP's merges file: the packaged copy (`models/vlm/data`), else one
+  from an installed `open_clip_torch` or `clip`."""
+  packaged = pathlib.Path(__file__).parent / 'data' / _BPE_FILE
+  if packaged.is_file():
+    return packaged
   for dist_name in ('open_clip_torch', 'clip-anytorch', 'clip'):
     try:
       dist = metadata.distribution(dist_name)
