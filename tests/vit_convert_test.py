@@ -141,7 +141,7 @@ def test_logits_match_timm():
   except Exception as e:  # a torchvision built for another torch raises too
     pytest.skip(
       'timm parity needs timm with a torchvision matching torch: '
-      f'pip install "tta_jax[torch]" ({type(e).__name__}: {e})'
+      f"pip install -e '.[clip]' ({type(e).__name__}: {e})"
     )
   torch.manual_seed(0)
   net = timm.create_model(
