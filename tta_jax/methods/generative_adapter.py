@@ -86,6 +86,14 @@ def generative_adapter(
   def lowrank(meta, state):
     return ga.adapter(meta, state.context, gc, key=key_of(state))
 
+  decode = dict(
+    config=config,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+  )
+
   def init_fn(params, rng, batch_size):
     del params
     return GAState(
@@ -108,17 +116,8 @@ def generative_adapter(
 
   def answer_fn(params, state, prompt, *, meta=None, rng=None):
     check(meta)
-    return generate.generate(
-      params,
-      prompt.tokens,
-      prompt.mask,
-      config=config,
-      max_new_tokens=max_new_tokens,
-      rng=rng if rng is not None else jax.random.key(0),
-      sampling=sampling,
-      stop_ids=stop_ids,
-      pad_id=pad_id,
-      lowrank=lowrank(meta, state),
+    return generate.answer(
+      params, prompt, rng, **decode, lowrank=lowrank(meta, state)
     )
 
   def score_fn(params, state, text, *, meta=None):

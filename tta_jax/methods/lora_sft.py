@@ -97,6 +97,14 @@ def lora_sft(
   def scaled(lora):
     return {k: model.LowRank(v.a, scale * v.b) for k, v in lora.items()}
 
+  decode = dict(
+    config=config,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+  )
+
   def init_fn(params, rng, batch_size):
     del params
     n, lora = config.num_layers, {}
@@ -166,17 +174,8 @@ def lora_sft(
 
   def answer_fn(params, state, prompt, *, meta=None, rng=None):
     del meta
-    return generate.generate(
-      params,
-      prompt.tokens,
-      prompt.mask,
-      config=config,
-      max_new_tokens=max_new_tokens,
-      rng=rng if rng is not None else jax.random.key(0),
-      sampling=sampling,
-      stop_ids=stop_ids,
-      pad_id=pad_id,
-      lowrank=scaled(state.lora),
+    return generate.answer(
+      params, prompt, rng, **decode, lowrank=scaled(state.lora)
     )
 
   def score_fn(params, state, text, *, meta=None):

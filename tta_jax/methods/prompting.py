@@ -18,7 +18,6 @@ context) sit between the two; `LM_METHODS` registers them all.
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from tta_jax._src import context
@@ -65,6 +64,14 @@ def no_context(
     sampling: greedy by default; sampling uses `fold_in(rng, i)`.
   """
 
+  decode = dict(
+    config=config,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+  )
+
   def init_fn(params, rng, batch_size):
     del params, rng, batch_size
     return NoContextState()
@@ -75,17 +82,7 @@ def no_context(
 
   def answer_fn(params, state, prompt, *, meta=None, rng=None):
     del state, meta
-    return generate.generate(
-      params,
-      prompt.tokens,
-      prompt.mask,
-      config=config,
-      max_new_tokens=max_new_tokens,
-      rng=rng if rng is not None else jax.random.key(0),
-      sampling=sampling,
-      stop_ids=stop_ids,
-      pad_id=pad_id,
-    )
+    return generate.answer(params, prompt, rng, **decode)
 
   def score_fn(params, state, text, *, meta=None):
     del state, meta
@@ -114,6 +111,14 @@ def prompting(
     cache_dtype: KV-cache dtype (default: the compute dtype).
   """
 
+  decode = dict(
+    config=config,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+  )
+
   def init_fn(params, rng, batch_size):
     del params, rng
     return PromptingState(
@@ -134,18 +139,7 @@ def prompting(
 
   def answer_fn(params, state, prompt, *, meta=None, rng=None):
     del meta
-    return generate.generate(
-      params,
-      prompt.tokens,
-      prompt.mask,
-      config=config,
-      max_new_tokens=max_new_tokens,
-      rng=rng if rng is not None else jax.random.key(0),
-      sampling=sampling,
-      stop_ids=stop_ids,
-      pad_id=pad_id,
-      cache=state.cache,
-    )
+    return generate.answer(params, prompt, rng, **decode, cache=state.cache)
 
   def score_fn(params, state, text, *, meta=None):
     del meta

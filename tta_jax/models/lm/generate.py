@@ -249,6 +249,19 @@ def pad_to_bucket(tokens, mask, *, multiple: int = 32, side: str = 'left',
   )
 
 
+def answer(params, prompt, rng: jax.Array | None = None, **kwargs):
+  """`generate` on a prompt of a context method (`prompt.tokens`,
+  `prompt.mask`); `rng` None is key 0. `kwargs` go to `generate` (the
+  decoding settings, and a `cache` or `lowrank` adapter)."""
+  return generate(
+    params,
+    prompt.tokens,
+    prompt.mask,
+    rng=rng if rng is not None else jax.random.key(0),
+    **kwargs,
+  )
+
+
 def generate_text(
   lm,
   prompts,
