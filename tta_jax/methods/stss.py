@@ -223,10 +223,7 @@ def stss(
         scores[selected]
       )
 
-    if samples_per_call is None:
-      logits, score = jax.vmap(one)(images)
-    else:
-      logits, score = jax.lax.map(one, images, batch_size=samples_per_call)
+    logits, score = tpt.map_images(one, images, samples_per_call)
     metrics = {'score': losses.masked_mean(score, batch.get('mask'))}
     return state._replace(step=state.step + 1), base.StepOutput(logits, metrics)
 

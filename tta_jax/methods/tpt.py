@@ -42,6 +42,14 @@ class Episode(NamedTuple):
   losses: jax.Array  # [steps] marginal entropy before each step
 
 
+def map_images(fn, images: jax.Array, samples_per_call: int | None):
+  """`fn` on every image of a batch: one vmapped program, or (with
+  `samples_per_call`) a `lax.map` in chunks of that many to bound memory."""
+  if samples_per_call is None:
+    return jax.vmap(fn)(images)
+  return jax.lax.map(fn, images, batch_size=samples_per_call)
+
+
 def episode(
   apply_fn,
   optimizer: optax.GradientTransformation,
@@ -198,10 +206,7 @@ def tpt(
       first = ep.losses[0] if steps else jnp.zeros([])
       return ep.logits, first
 
-    if samples_per_call is None:
-      logits, loss = jax.vmap(one)(images)
-    else:
-      logits, loss = jax.lax.map(one, images, batch_size=samples_per_call)
+    logits, loss = map_images(one, images, samples_per_call)
     metrics = {'loss': losses.masked_mean(loss, batch.get('mask'))}
     return state._replace(step=state.step + 1), base.StepOutput(logits, metrics)
 
