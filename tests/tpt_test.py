@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from tta_jax import models, testing as test_utils
+from tests import vlm_fixtures
+from tta_jax import testing as test_utils
 from tta_jax._src import augment, losses, params as params_lib
 from tta_jax.methods import tpt as tpt_lib
-from tta_jax.models import vlm
 
-SHAPE = (16, 16, 1)
+SHAPE = vlm_fixtures.SHAPE
 LR, WD, EPS = 5e-3, 0.01, 1e-8
 
 
@@ -22,24 +22,8 @@ def _adamw(lr=LR, wd=WD):
   return optax.adamw(lr, b1=0.9, b2=0.999, eps=EPS, weight_decay=wd)
 
 
-@functools.cache
-def _model():
-  if not vlm.bert.available():
-    pytest.skip(f'all-MiniLM-L6-v2 missing: {vlm.bert.INSTALL_HINT}')
-  module = vlm.digits_classifier(
-    10,
-    width=4,
-    text_config=dict(width=32, layers=1, heads=2, mlp_dim=64),
-    input_shape=SHAPE,
-  )
-  variables = models.init_variables(module, SHAPE, jax.random.key(0))
-  # A sharper scale than the init, so views' entropies spread out.
-  variables['params'] = {**variables['params'], 'logit_scale': jnp.log(60.0)}
-  return module, models.make_apply_fn(module, SHAPE), variables
-
-
-def _images(n, seed=0):
-  return test_utils.fake_batch(seed, n, shape=SHAPE, labels=False)['image']
+_model = vlm_fixtures.tiny_classifier
+_images = vlm_fixtures.images
 
 
 def _adapter(lr=LR, wd=WD, **kw):
