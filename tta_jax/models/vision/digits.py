@@ -36,10 +36,10 @@ class DigitsCNN(nn.Module):
 
     x = unit(x, self.width, 1)
     x = unit(x, self.width, 2)
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = layers.max_pool(x, (2, 2), (2, 2))
     features['stage1'] = jnp.mean(x, axis=(1, 2))
     x = unit(x, 2 * self.width, 3)
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = layers.max_pool(x, (2, 2), (2, 2))
     features['stage2'] = jnp.mean(x, axis=(1, 2))
     x = unit(x, 4 * self.width, 4)
     features['stage3'] = features['pre_logits'] = jnp.mean(x, axis=(1, 2))

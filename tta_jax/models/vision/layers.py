@@ -15,6 +15,8 @@ with `w = 0` these are exactly the current batch's statistics, so a method
 can keep, mix or discard them (source training keeps an EMA of them).
 """
 
+import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -158,3 +160,54 @@ def apply_feature_shift(x: jax.Array, shift) -> jax.Array:
   if w.ndim == 2:  # per example: [B, C] -> [B, 1, 1, C]
     w, b = w[:, None, None, :], b[:, None, None, :]
   return x * w + b
+
+
+def max_pool(
+  x: jax.Array,
+  window: Sequence[int],
+  strides: Sequence[int],
+  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+) -> jax.Array:
+  """`nn.max_pool` over H and W of NHWC `x`, with a scatter-free derivative.
+
+  The values are `nn.max_pool`'s. Its derivative (select-and-scatter)
+  becomes, on XLA's CPU backend, an index tensor per dimension and a
+  scatter with one row per input element, which made the max-pool
+  backward pass the costliest part of a Tent step on the digits CNN. Here
+  the derivative is a sum over the window offsets of strided slices
+  masked where that offset holds the window's first maximum (in row-major
+  order, as select-and-scatter picks it), so it transposes to padding:
+  the same gradient, ties included, and forward- and reverse-mode alike.
+  """
+  if len(window) != 2 or len(strides) != 2 or len(padding) != 2:
+    raise ValueError(
+      f'max_pool: 2-D window, strides and padding expected, got {window}, '
+      f'{strides}, {padding}'
+    )
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _max_pool(x, tuple(window), tuple(strides), padding)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  return nn.max_pool(x, window, strides, padding=padding)
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, strides, padding, primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = _max_pool(x, window, strides, padding)
+  config = [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)]
+  xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), config)
+  tp = jax.lax.pad(t, jnp.zeros((), t.dtype), config)
+  (sh, sw), (ho, wo) = strides, y.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)
+  out = jnp.zeros(y.shape, t.dtype)
+  for i in range(window[0]):
+    for j in range(window[1]):
+      rows = slice(i, i + sh * (ho - 1) + 1, sh)
+      cols = slice(j, j + sw * (wo - 1) + 1, sw)
+      hit = (xp[:, rows, cols, :] == y) & ~taken
+      taken = taken | hit
+      out = out + jnp.where(hit, tp[:, rows, cols, :], 0)
+  return y, out

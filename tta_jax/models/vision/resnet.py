@@ -84,7 +84,7 @@ class ResNet(nn.Module):
     x = _conv(64, 7, 2, 'conv1')(x)
     x = layers.apply_feature_shift(x, feature_shift)
     x = nn.relu(norm(name='bn1')(x, bn_mode, mask))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     features = {'stem': jnp.mean(x, axis=(1, 2))}
     for s, n in enumerate(self.stage_sizes):
       for i in range(n):
