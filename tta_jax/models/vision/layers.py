@@ -69,21 +69,22 @@ def masked_moments(x: jax.Array, mask: jax.Array | None, ddof: int = 0):
 
   Returns:
     `(mean, var)`, each `[C]`. Two-pass, for float32 agreement with PyTorch.
+    Padding rows are selected away (`where`) rather than multiplied by a
+    0/1 weight: the same values, without a weight tensor the size of `x`
+    that XLA's CPU backend would otherwise build for every BN layer.
   """
   axes = tuple(range(x.ndim - 1))
   per_row = 1
   for d in x.shape[1:-1]:
     per_row *= d
   if mask is None:
-    w = jnp.ones(x.shape[:1], x.dtype)
-  else:
-    w = mask.astype(x.dtype)
-  w = w.reshape((-1,) + (1,) * (x.ndim - 1))
-  n = jnp.sum(w) * per_row
-  mean = jnp.sum(x * w, axis=axes) / jnp.maximum(n, 1.0)
-  sq = jnp.sum(jnp.square(x - mean) * w, axis=axes)
-  var = sq / jnp.maximum(n - ddof, 1.0)
-  return mean, var
+    mask = jnp.ones(x.shape[:1], bool)
+  mask = mask.astype(bool)
+  keep = mask.reshape((-1,) + (1,) * (x.ndim - 1))
+  n = jnp.sum(mask.astype(x.dtype)) * per_row
+  mean = jnp.sum(jnp.where(keep, x, 0), axis=axes) / jnp.maximum(n, 1.0)
+  sq = jnp.sum(jnp.where(keep, jnp.square(x - mean), 0), axis=axes)
+  return mean, sq / jnp.maximum(n - ddof, 1.0)
 
 
 class BatchNorm(nn.Module):
