@@ -35,12 +35,6 @@ class MaxPoolTest(parameterized.TestCase):
       np.testing.assert_array_equal(got, want)
     else:  # overlapping windows add in another order
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    # Forward mode agrees with reverse mode: <J t, g> = <t, J^T g>.
-    t = jax.random.normal(jax.random.key(2), x.shape)
-    _, jt = jax.jvp(new, (x,), (t,))
-    np.testing.assert_allclose(
-      jnp.vdot(jt, g), jnp.vdot(t, got), rtol=1e-5, atol=1e-5
-    )
 
   def test_ties_go_to_the_first_maximum(self):
     x = jnp.ones((1, 2, 2, 1))

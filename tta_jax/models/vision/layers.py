@@ -175,10 +175,11 @@ def max_pool(
   becomes, on XLA's CPU backend, an index tensor per dimension and a
   scatter with one row per input element, which made the max-pool
   backward pass the costliest part of a Tent step on the digits CNN. Here
-  the derivative is a sum over the window offsets of strided slices
+  the gradient is a sum over the window offsets of the output gradient,
   masked where that offset holds the window's first maximum (in row-major
-  order, as select-and-scatter picks it), so it transposes to padding:
-  the same gradient, ties included, and forward- and reverse-mode alike.
+  order, as select-and-scatter picks it) and spread back by padding: the
+  same gradient, ties included. Reverse mode only (`jax.grad`, nested
+  `jax.grad` for meta-learning); `jax.jvp` through it is not supported.
   """
   if len(window) != 2 or len(strides) != 2 or len(padding) != 2:
     raise ValueError(
@@ -189,26 +190,46 @@ def max_pool(
   return _max_pool(x, tuple(window), tuple(strides), padding)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, padding):
   return nn.max_pool(x, window, strides, padding=padding)
 
 
-@_max_pool.defjvp
-def _max_pool_jvp(window, strides, padding, primals, tangents):
-  (x,), (t,) = primals, tangents
-  y = _max_pool(x, window, strides, padding)
+def _max_pool_fwd(x, window, strides, padding):
+  return _max_pool(x, window, strides, padding), x
+
+
+def _max_pool_bwd(window, strides, padding, x, g):
   config = [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)]
   xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), config)
-  tp = jax.lax.pad(t, jnp.zeros((), t.dtype), config)
-  (sh, sw), (ho, wo) = strides, y.shape[1:3]
+  (sh, sw), (kh, kw) = strides, window
+  ho, wo = g.shape[1:3]
+  offsets = [(i, j) for i in range(kh) for j in range(kw)]
+
+  def window_slice(a, i, j):
+    return a[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+
+  # The maximum from the very slices it is compared with, so that each
+  # window has exactly one hit (its first maximum in row-major order).
+  y = functools.reduce(
+    jnp.maximum, [window_slice(xp, i, j) for i, j in offsets]
+  )
   taken = jnp.zeros(y.shape, bool)
-  out = jnp.zeros(y.shape, t.dtype)
-  for i in range(window[0]):
-    for j in range(window[1]):
-      rows = slice(i, i + sh * (ho - 1) + 1, sh)
-      cols = slice(j, j + sw * (wo - 1) + 1, sw)
-      hit = (xp[:, rows, cols, :] == y) & ~taken
-      taken = taken | hit
-      out = out + jnp.where(hit, tp[:, rows, cols, :], 0)
-  return y, out
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  for i, j in offsets:
+    hit = (window_slice(xp, i, j) == y) & ~taken
+    taken = taken | hit
+    spread = [
+      (0, 0, 0),
+      (i, xp.shape[1] - i - sh * (ho - 1) - 1, sh - 1),
+      (j, xp.shape[2] - j - sw * (wo - 1) - 1, sw - 1),
+      (0, 0, 0),
+    ]
+    dxp = dxp + jax.lax.pad(
+      jnp.where(hit, g, 0), jnp.zeros((), g.dtype), spread
+    )
+  (top, _), (left, _) = padding
+  return (dxp[:, top : top + x.shape[1], left : left + x.shape[2]],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
