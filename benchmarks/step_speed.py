@@ -607,6 +607,27 @@ def _benchmark(name, setup, all_configs, args, batch_size, with_torch):
   return row
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Achieved float32 GFLOP/s of a jitted n x n matmul on this device.
+
+  The reference for "% of peak": what this device sustains on the
+  operation it runs best, measured in the same run (on a CPU or a GPU
+  alike) rather than read from a data sheet.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -614,6 +635,14 @@ def _fmt(x, digits=0):
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return '-'
   return f'{x:,.{digits}f}'
+
+
+def _peak_cell(gflops, peak):
+  if math.isnan(gflops):  # no FLOP count
+    return '-'
+  if not peak:
+    return _fmt(gflops, 1)
+  return f'{gflops:,.1f} ({100 * gflops / peak:.0f}%)'
 
 
 def _markdown(rows, meta):
@@ -626,6 +655,7 @@ def _markdown(rows, meta):
     'JAX / PyTorch',
     'fwd / bwd per step',
     'XLA GFLOP / step',
+    'JAX GFLOP/s (% of matmul peak)',
     'compile s',
   ]
   lines = [
@@ -663,12 +693,18 @@ def _markdown(rows, meta):
       f'{jax_eps / torch_eps:.2f}x' if torch_eps else '-',
       _PASSES.get(r['method'], '?'),
       _fmt(r['gflop'], 1),
+      _peak_cell(r['gflop'] / r['jax_s'], meta.get('matmul_gflops')),
       _fmt(r['compile_s'], 1),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
     for note in r.get('notes', []):
       notes.append(f'- {r["method"]} on {r["model"]}: {note}')
   lines.append('')
+  if meta.get('matmul_gflops'):
+    lines.append(
+      f'- Matmul peak: a jitted 2048 x 2048 float32 matmul ran at '
+      f'{meta["matmul_gflops"]:,.0f} GFLOP/s on this device in this run.'
+    )
   for m in meta['models']:
     lines.append(
       f'- {m["name"]}: head scaled x{m["head_scale"]:.3g}, so '
@@ -735,6 +771,7 @@ def main(argv=None):
     'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
     'repeats': args.repeats,
     'models': [],
+    'matmul_gflops': matmul_peak_gflops(),
   }
   print(
     f'JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} '
