@@ -697,6 +697,13 @@ def _markdown(rows, meta):
       _fmt(r['compile_s'], 1),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
+    if r.get('metrics', {}).get('n_selected', 1) == 0:
+      notes.append(
+        f'- {r["method"]} on {r["model"]}: no sample kept in the timed '
+        'steps (the batch repeats, so its samples are all redundant): the '
+        'PyTorch reference then skips its backward pass, the fixed-shape '
+        'JAX step computes it and discards the update.'
+      )
     for note in r.get('notes', []):
       notes.append(f'- {r["method"]} on {r["model"]}: {note}')
   lines.append('')
