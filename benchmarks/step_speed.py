@@ -520,58 +520,16 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
 
 def _torch_step(name, setup, config, batch_size):
   """`(step, x)`: the PyTorch reference step of `name` and its input."""
-  import torch
-
   from tta_jax.torch_reference import methods as ref
 
-  model = setup.torch_model()
-  params = ref.configure(model)
-  spec = dict(config['optimizer'])
-  opt_name = spec.pop('name')
-  if opt_name == 'adam':
-    optimizer = torch.optim.Adam(
-      params,
-      lr=spec['learning_rate'],
-      betas=(spec.get('b1', 0.9), spec.get('b2', 0.999)),
-    )
-  elif opt_name == 'sgd':
-    optimizer = torch.optim.SGD(
-      params, lr=spec['learning_rate'], momentum=spec.get('momentum') or 0.0
-    )
-  else:
-    raise ValueError(f'no PyTorch optimizer for {opt_name!r}')
-  e0 = config.get('margin_e0', 0.0) * math.log(NUM_CLASSES)
-  if name == 'tent':
-    step = lambda x: ref.tent_step(model, optimizer, x)
-  elif name == 'eata':
-    fisher = None
-    if config.get('fisher_alpha', 0.0) > 0:
-      fisher = ref.fishers(model, params, setup.nchw(setup.source_images), 64)
-    method = ref.Eata(
-      model,
-      params,
-      optimizer,
-      e_margin=e0,
-      d_margin=config['d_margin'],
-      fisher=fisher,
-      fisher_alpha=config.get('fisher_alpha', 0.0),
-    )
-    step = method.step
-  elif name == 'sar':
-    method = ref.Sar(
-      model,
-      params,
-      optimizer,
-      margin=e0,
-      rho=config['rho'],
-      reset_constant=config['reset_constant'],
-      # As ours (and Marsden & Doebler's benchmark code); costs the same.
-      clear_ema_on_reset=True,
-    )
-    step = method.step
-  else:
-    raise ValueError(f'no PyTorch reference for {name!r}')
-  return step, setup.nchw(setup.images[:batch_size])
+  stream = ref.Stream(
+    name,
+    setup.torch_model(),
+    config,
+    num_classes=NUM_CLASSES,
+    source_images=setup.nchw(setup.source_images),
+  )
+  return stream.step, setup.nchw(setup.images[:batch_size])
 
 
 def _torch_timer(name, setup, all_configs, batch_size):

@@ -261,3 +261,107 @@ def _clone_state(state):
   if isinstance(state, list):
     return [_clone_state(v) for v in state]
   return state
+
+
+# ---------------------------------------------------------------- streams
+
+
+def make_optimizer(params, spec) -> torch.optim.Optimizer:
+  """The torch optimizer of an optax spec (`{'name': 'adam' | 'sgd', ...}`)."""
+  spec = dict(spec)
+  name = spec.pop('name')
+  if name == 'adam':
+    return torch.optim.Adam(
+      params,
+      lr=spec['learning_rate'],
+      betas=(spec.get('b1', 0.9), spec.get('b2', 0.999)),
+      eps=spec.get('eps', 1e-8),
+    )
+  if name == 'sgd':
+    return torch.optim.SGD(
+      params,
+      lr=spec['learning_rate'],
+      momentum=spec.get('momentum') or 0.0,
+      nesterov=bool(spec.get('nesterov', False)),
+    )
+  raise ValueError(f'no PyTorch optimizer for {name!r}; valid: adam, sgd')
+
+
+STREAM_METHODS = ('tent', 'eata', 'eta', 'sar')
+
+
+class Stream:
+  """Tent, EATA/ETA or SAR over a test stream, as the official code runs it.
+
+  Built from the method's tta_jax config (the keys of
+  `configs.common.method_configs()`: `optimizer`, `margin_e0` as a fraction
+  of ln K, ...). `step(x)` adapts on the NCHW batch `x` and returns the
+  logits the method scores. `reset()` is the official `reset()`: the model
+  and optimizer states saved at construction are loaded back and the
+  method's own state (EATA's m, SAR's EMA) is cleared. EATA's Fisher is
+  computed once, from the source model, on `source_images` (NCHW) in
+  batches of `fisher_batch_size`, and kept through resets.
+  """
+
+  def __init__(
+    self, name, model, config, *, num_classes: int, source_images=None
+  ):
+    if name not in STREAM_METHODS:
+      raise ValueError(
+        f'no PyTorch reference stream for {name!r}; valid: {STREAM_METHODS}'
+      )
+    if config.get('steps', 1) != 1:
+      raise ValueError(f'{name}: the reference takes one step per batch')
+    self.name, self.model, self.config = name, model, dict(config)
+    self.params = configure(model)
+    self.optimizer = make_optimizer(self.params, config['optimizer'])
+    self.e0 = config.get('margin_e0', 0.4) * math.log(num_classes)
+    self.fisher = None
+    alpha = config.get('fisher_alpha', 2000.0) if name == 'eata' else 0.0
+    if alpha > 0:
+      if source_images is None:
+        raise ValueError('eata: fisher_alpha > 0 needs source_images')
+      size = config.get('fisher_batch_size', 64)
+      self.fisher = fishers(model, self.params, source_images, size)
+      self.optimizer.zero_grad()
+    self.fisher_alpha = alpha
+    self._saved = (
+      _clone_state(model.state_dict()),
+      _clone_state(self.optimizer.state_dict()),
+    )
+    self._method = self._make()
+
+  def _make(self):
+    c = self.config
+    if self.name == 'tent':
+      return lambda x: tent_step(self.model, self.optimizer, x)
+    if self.name in ('eata', 'eta'):
+      return Eata(
+        self.model,
+        self.params,
+        self.optimizer,
+        e_margin=self.e0,
+        d_margin=c.get('d_margin', 0.05),
+        fisher=self.fisher,
+        fisher_alpha=self.fisher_alpha,
+      ).step
+    return Sar(
+      self.model,
+      self.params,
+      self.optimizer,
+      margin=self.e0,
+      rho=c.get('rho', 0.05),
+      reset_constant=c.get('reset_constant', 0.2),
+      clear_ema_on_reset=c.get('clear_ema_on_recovery', True),
+      restore_optimizer=c.get('restore_optimizer_on_recovery', False),
+    ).step
+
+  def step(self, x) -> torch.Tensor:
+    out = self._method(x)
+    return out[0] if isinstance(out, tuple) else out
+
+  def reset(self) -> None:
+    model_state, optimizer_state = self._saved
+    self.model.load_state_dict(model_state)
+    self.optimizer.load_state_dict(_clone_state(optimizer_state))
+    self._method = self._make()
