@@ -20,14 +20,15 @@ backward; the BN layers' names; the `optimizer` name scope of
 `tta_jax._src.grad_step.update`); a fusion counts for the operation at its
 root, so e.g. a ReLU fused into a BN normalisation counts as BN. A
 convolution in the backward pass whose output has a kernel's shape is a
-weight gradient. PyTorch: each ATen operation's self time goes to the
-nearest enclosing convolution / BN / pooling operation or autograd node,
-or to the optimizer when it runs inside `Optimizer.step`. Operation times
-are summed over threads: XLA runs independent operations concurrently, so
-on the JAX side they can add up to more than the wall time (the last row
-is then negative). Profiling costs time itself: the categories add up
-to the profiled step's wall time, and the wall row is measured without
-the profiler.
+weight gradient. Some operations (XLA's Eigen convolutions) finish after
+their trace event ends; the time until the next operation starts is
+charged to them (`attribute_xla`). PyTorch: each ATen operation's self
+time goes to the nearest enclosing convolution / BN / pooling operation
+or autograd node, or to the optimizer when it runs inside
+`Optimizer.step`; the rest of the step (Python, dispatch, waiting) is the
+host row. Profiling costs time itself: the categories add up to the
+profiled step's wall time, and the wall row is measured without the
+profiler.
 
 Absolute numbers depend on the machine and its load; compare columns taken
 in one run. This is a script, not a test: nothing here asserts on time.
@@ -168,15 +169,44 @@ def profile_jax(name, setup, all_configs, args):
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       profiled = run(args.steps) / args.steps
     events = _trace_events(directory)
+  ops = sorted(
+    (e['ts'], e['ts'] + e['dur'], e['name'])
+    for e in events
+    if e.get('ph') == 'X' and e['name'] in instructions
+  )
   ms = collections.Counter({c: 0.0 for c in CATEGORIES})
-  count = 0
-  for e in events:
-    if e.get('ph') != 'X' or e['name'] not in instructions:
-      continue
-    op_name, shape = instructions[e['name']]
-    ms[classify_xla(op_name, shape, kernel_shapes)] += e['dur'] / 1e3
-    count += 1
-  return _per_step(ms, args.steps, profiled), 1e3 * wall, count / args.steps
+  seen = set()
+  for category, us in attribute_xla(ops, instructions, kernel_shapes):
+    ms[category] += us / 1e3
+    seen.add(category)
+  per_step = _per_step(ms, args.steps, profiled)
+  for category in set(CATEGORIES) - seen - {'host / dispatch / idle'}:
+    per_step[category] = None  # no operation of its own (fused, or none)
+  return per_step, 1e3 * wall, len(ops) / args.steps
+
+
+def attribute_xla(ops, instructions, kernel_shapes):
+  """`(category, microseconds)` per executed XLA operation.
+
+  `ops` are `(start, end, name)` in start order, microseconds. XLA's CPU
+  runtime runs a step's operations one after another, but some (Eigen
+  convolutions) return before their work is done, so their trace event
+  covers the launch only and the work shows as a gap before the next
+  operation: each gap inside a step is charged to the operation before it.
+  A gap before the program's first operation lies between two steps (the
+  host's dispatch) and is left to the host row.
+  """
+  if not ops:
+    return []
+  first = ops[0][2]
+  out = []
+  for i, (start, end, name) in enumerate(ops):
+    op_name, shape = instructions[name]
+    us = end - start
+    if i + 1 < len(ops) and ops[i + 1][2] != first:
+      us += max(ops[i + 1][0] - end, 0)
+    out.append((classify_xla(op_name, shape, kernel_shapes), us))
+  return out
 
 
 def _per_step(ms, steps, profiled_wall):
@@ -233,16 +263,21 @@ def profile_torch(name, setup, all_configs, args):
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     profiled = run(args.steps) / args.steps
   ms = collections.Counter({c: 0.0 for c in CATEGORIES})
-  count = 0
+  count, seen = 0, set()
   for e in prof.events():
     chain, p = [e.name], e.cpu_parent
     while p is not None:
       chain.append(p.name)
       p = p.cpu_parent
-    ms[classify_torch(chain)] += e.self_cpu_time_total / 1e3
+    category = classify_torch(chain)
+    ms[category] += e.self_cpu_time_total / 1e3
+    seen.add(category)
     count += e.name.startswith('aten::') and not (e.cpu_children or [])
   del torch
-  return _per_step(ms, args.steps, profiled), 1e3 * wall, count / args.steps
+  per_step = _per_step(ms, args.steps, profiled)
+  for category in set(CATEGORIES) - seen - {'host / dispatch / idle'}:
+    per_step[category] = None  # no operation of its own
+  return per_step, 1e3 * wall, count / args.steps
 
 
 # ------------------------------------------------------------------ report
@@ -315,6 +350,12 @@ def main(argv=None):
   ]
   for model, rows in report:
     lines += ['', f'## {model}', '', _table(rows)]
+  lines += [
+    '',
+    '`-`: no operation of its own in that step: XLA fused it into '
+    'neighbouring operations (whose row counts it), or the step runs none '
+    '(conv weight-grad, when only BN affine parameters adapt).',
+  ]
   text = '\n'.join(lines)
   print(text)
   if args.out:

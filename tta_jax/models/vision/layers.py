@@ -187,7 +187,8 @@ def max_pool(
       f'{strides}, {padding}'
     )
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _max_pool(x, tuple(window), tuple(strides), padding)
+  with jax.named_scope('max_pool'):  # names its operations in profiles
+    return _max_pool(x, tuple(window), tuple(strides), padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -199,6 +200,7 @@ def _max_pool_fwd(x, window, strides, padding):
   return _max_pool(x, window, strides, padding), x
 
 
+@jax.named_scope('max_pool')
 def _max_pool_bwd(window, strides, padding, x, g):
   config = [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)]
   xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), config)
