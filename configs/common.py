@@ -261,6 +261,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.clean_eval_examples = 1000  # forgetting check on the clean split
   config.parallel = ''  # '', 'domains' (episodic) or 'seeds': vmapped streams
   config.shard_batch = False  # shard each batch over all devices
+  # Shard the vmapped streams of `parallel` over all devices (always on in
+  # a run of several processes, see tta_jax.runners.distributed).
+  config.shard_streams = False
   # Rows with NaN or Inf pixels: 'skip' masks them out of adaptation and
   # scores them as errors (counted in results.json); 'raise' stops the run.
   config.nonfinite = 'skip'

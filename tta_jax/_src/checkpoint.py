@@ -61,11 +61,19 @@ def from_storable(tree: Any, like: Any) -> Any:
 
 
 def _abstract(tree):
+  # With several processes (jax.distributed), orbax restores only into
+  # explicit shardings: each process reads the whole array onto its first
+  # local device.
+  local = (
+    jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if jax.process_count() > 1
+    else None
+  )
   return jax.tree.map(
     lambda x: (
-      jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+      jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=local)
       if not hasattr(x, 'sharding')
-      else jax.ShapeDtypeStruct(x.shape, x.dtype)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
     ),
     to_storable(tree),
   )

@@ -16,10 +16,10 @@ numbers as an uninterrupted one. Finished methods are kept in
 `WORKDIR/methods/<name>.json` and not rerun.
 
 K independent streams with the same batch structure (the domains of the
-episodic setting, or K seeds of one setting) can run as one vmapped
-program (`config.parallel`), and each batch can be sharded over the
-available devices (`config.shard_batch`); BN statistics are then reduced
-across shards by XLA, so results equal the single-device run.
+episodic setting, or K seeds) can run as one vmapped program (`parallel`),
+sharded over the devices, also of several processes (`shard_streams`, see
+`runners.distributed`), or each batch can be sharded (`shard_batch`; BN
+statistics are then reduced across shards, as on one device).
 
 The pieces: `configs` reads the config, `artifacts` owns the workdir,
 `pretrain` makes the source model, `streams` runs them, `scoring`
@@ -39,6 +39,7 @@ from tta_jax.data import sources, streams
 from tta_jax.runners import (
   artifacts,
   configs,
+  distributed,
   lm,
   pretrain,
   progress,
@@ -123,6 +124,7 @@ def run_method(
   run_kwargs = dict(
     meta=meta,
     shard_batch=config.shard_batch,
+    shard_streams=config.get('shard_streams', False) or None,  # None: auto
     checkpoint_every=config.checkpoint_every,
     log_every=config.log_every,
     nonfinite=config.nonfinite,
@@ -195,7 +197,7 @@ def run_method(
         adapter, state, benchmark.clean_test, config.batch_size, **kw
       )
     out['forgetting'] = out['clean_error_after'] - out['clean_error_before']
-  artifacts.save_result(config, workdir, name, out)
+  distributed.on_primary(artifacts.save_result, config, workdir, name, out)
   return out
 
 
@@ -204,6 +206,7 @@ def run_benchmark(
 ):
   """Every method of `names` on one benchmark; returns the results dict."""
   module, apply_fn = artifacts.build_model(config.model, benchmark)
+  distributed.check_source(config, workdir)
   variables, source_meta = pretrain.ensure_source(
     config, workdir, benchmark, module
   )
@@ -271,10 +274,11 @@ def run(config, workdir) -> dict[str, Any]:
   else:
     logging.info('Building the benchmark data (%s)', config.data.name)
     targets = artifacts.benchmark_dirs(config, workdir)
+    tensorboard = config.tensorboard and distributed.is_primary()
     job = progress.Job(
       [_label(n, tag) for tag, _, _ in targets for n in names],
       seconds=config.progress_seconds,
-      tensorboard_dir=workdir / 'tensorboard' if config.tensorboard else None,
+      tensorboard_dir=workdir / 'tensorboard' if tensorboard else None,
     )
     per_target = {
       tag: run_benchmark(config, wd, bench, names, job, tag)
@@ -285,8 +289,9 @@ def run(config, workdir) -> dict[str, Any]:
   else:
     results = scoring.merge_held_out(config, per_target)
   name = artifacts.results_name(config)
-  report.write(results, workdir, name)
-  logging.info('Results: %s', workdir / f'{name}.{{json,md,csv,png}}')
+  if distributed.is_primary():  # the other processes hold the same results
+    report.write(results, workdir, name)
+    logging.info('Results: %s', workdir / f'{name}.{{json,md,csv,png}}')
   return results
 
 

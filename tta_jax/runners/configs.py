@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -232,6 +233,7 @@ def check(config) -> list[str]:
       )
     except (ValueError, TypeError) as e:
       raise type(e)(f'method {name!r}: {e}') from None
+  _check_stream_sharding(config)
   if config.batch_size == 1:
     batch_bn = [n for n in names if _normalises_with_test_batch(config, n)]
     if batch_bn:
@@ -242,6 +244,35 @@ def check(config) -> list[str]:
         batch_bn,
       )
   return names
+
+
+def _check_stream_sharding(config) -> None:
+  """Sharded streams (`config.shard_streams`, or several processes) need
+  vmapped streams, as many as a multiple of the devices."""
+  processes = jax.process_count()
+  if not config.get('shard_streams', False) and processes == 1:
+    return
+  devices = jax.device_count()
+  what = (
+    f'a run of {processes} processes shards its streams'
+    if processes > 1
+    else 'config.shard_streams shards the streams'
+  )
+  if config.get('shard_batch', False):
+    raise ValueError(f'{what}: config.shard_batch must be False')
+  seeds = seeds_of(config)
+  if devices > 1 and (
+    config.parallel == '' or (config.parallel == 'seeds' and len(seeds) == 1)
+  ):
+    raise ValueError(
+      f"{what} over {devices} devices: set config.parallel='seeds' (with a "
+      f"multiple of {devices} seeds) or 'domains'"
+    )
+  if config.parallel == 'seeds' and len(seeds) % devices:
+    raise ValueError(
+      f'{what} over {devices} devices: config.seeds has {len(seeds)} seeds, '
+      f'not a multiple of {devices}'
+    )
 
 
 # What the runner reads from an adaptation config (`--dry_run` prints it
@@ -258,6 +289,8 @@ KEY_HELP = {
   'clean_eval_examples': 'clean test examples for the forgetting check',
   'parallel': "'' sequential, 'domains' or 'seeds': vmapped streams",
   'shard_batch': 'shard every batch over all devices',
+  'shard_streams': 'shard the vmapped streams over all devices (on with '
+  'several processes)',
   'nonfinite': "'skip' masks NaN/Inf rows out and scores them as errors; "
   "'raise' stops the run",
   'meta_methods': 'methods whose trainers meta_train_main runs',

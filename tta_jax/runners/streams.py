@@ -118,6 +118,59 @@ class Shardings:
     self.replicated = NamedSharding(mesh, P())
 
 
+class StreamShardings:
+  """K vmapped streams split over all devices (stream axis), also across
+  the processes of a multi-process run.
+
+  Stacked leaves of the state are sharded along their stream axis; shared
+  (frozen) leaves are replicated. Each process builds only the shards of its
+  own devices (`jax.make_array_from_callback`): of the state from the
+  initial state, which every process computes alike, and of each batch from
+  the streams it feeds, the only ones it reads. The step returns the
+  per-example scores replicated (gathered on the devices), so every
+  process's `Records` hold all K streams.
+  """
+
+  def __init__(self, num_streams: int, axes, state0):
+    mesh = Mesh(np.array(jax.devices()), ('streams',))
+    if num_streams % mesh.size:
+      raise ValueError(
+        f'shard_streams: {num_streams} streams are not divisible by the '
+        f'{mesh.size} devices (use a multiple of the global device count)'
+      )
+    self.streams = NamedSharding(mesh, P('streams'))
+    self.replicated = NamedSharding(mesh, P())
+    self.state = jax.tree.map(
+      lambda a, _: self.replicated if a is None else self.streams,
+      axes,
+      state0,
+      is_leaf=lambda a: a is None,
+    )
+    devices = self.streams.addressable_devices_indices_map((num_streams,))
+    self.local_streams = sorted(
+      {s for index in devices.values() for s in range(num_streams)[index[0]]}
+    )
+
+  def place_state(self, state):
+    """A state held alike by every process, as sharded global arrays."""
+    return jax.tree.map(_global, state, self.state)
+
+  def gather_state(self, state):
+    """A sharded state back on this process's first device, whole."""
+    whole = jax.jit(lambda x: x, out_shardings=self.replicated)(state)
+    return jax.tree.map(lambda x: x.addressable_data(0), whole)
+
+
+def _global(x, sharding):
+  """`x` (the same on every process) as a global array; each process
+  places only its own devices' shards."""
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
 def make_step(adapter, axes, *, meta, shardings: Shardings | None):
   """The jitted, state-donating step of K streams, scoring on the device."""
 
@@ -137,6 +190,14 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
   fn = body if axes is None else jax.vmap(body, (axes, 0), (axes, 0))
   if shardings is None:
     return jax.jit(fn, donate_argnums=(0,))
+  if isinstance(shardings, StreamShardings):
+    return jax.jit(
+      fn,
+      donate_argnums=(0,),
+      in_shardings=(shardings.state, shardings.streams),
+      # The scores come back whole, so every process holds all K streams.
+      out_shardings=(shardings.state, shardings.replicated),
+    )
   return jax.jit(
     fn,
     donate_argnums=(0,),
@@ -146,16 +207,39 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
   )
 
 
+def _read_one(pos, domains, i: int, batch_size: int, nonfinite: str):
+  _, dom, idx, _ = pos[i]
+  batch = streams.read_batch(domains, dom, idx, batch_size)
+  validation.check_batch(batch, i, allow_nonfinite=nonfinite == 'skip')
+  return {key: batch[key] for key in ('image', 'mask', 'label')}
+
+
 def read_batch(
   positions, domains, i: int, batch_size: int, shardings, nonfinite='skip'
 ):
-  """Batch `i` of every stream, stacked when K > 1, checked, placed."""
-  batches = []
-  for pos in positions:
-    _, dom, idx, _ = pos[i]
-    batch = streams.read_batch(domains, dom, idx, batch_size)
-    validation.check_batch(batch, i, allow_nonfinite=nonfinite == 'skip')
-    batches.append({key: batch[key] for key in ('image', 'mask', 'label')})
+  """Batch `i` of every stream, stacked when K > 1, checked, placed.
+
+  With stream shardings, only the streams this process feeds are read.
+  """
+  if isinstance(shardings, StreamShardings):
+    mine = {
+      s: _read_one(positions[s], domains, i, batch_size, nonfinite)
+      for s in shardings.local_streams
+    }
+    k, first = len(positions), mine[shardings.local_streams[0]]
+    return {
+      key: jax.make_array_from_callback(
+        (k, *first[key].shape),
+        shardings.streams,
+        lambda index, key=key: np.stack(
+          [mine[s][key] for s in range(k)[index[0]]]
+        ),
+      )
+      for key in first
+    }
+  batches = [
+    _read_one(pos, domains, i, batch_size, nonfinite) for pos in positions
+  ]
   if len(batches) == 1:
     batch = batches[0]
   else:
@@ -258,7 +342,9 @@ class StreamCheckpoint:
     records.skipped = restored['skipped']
     records.scores, records.seconds = restored['records'], restored['seconds']
     state = restored['state']
-    if shardings is not None:
+    if isinstance(shardings, StreamShardings):
+      state = shardings.place_state(state)
+    elif shardings is not None:
       state = jax.device_put(state, shardings.replicated)
     return int(restored['next']), state
 
@@ -342,6 +428,7 @@ def run_streams(
   rngs: Sequence[jax.Array],
   meta: Any = None,
   shard_batch: bool = False,
+  shard_streams: bool | None = None,
   checkpoint_dir: pathlib.Path | None = None,
   checkpoint_every: int = 0,
   log_every: int = 0,
@@ -359,6 +446,9 @@ def run_streams(
     rngs: K base keys (one per stream).
     meta: the method's meta-parameters, if any.
     shard_batch: shard every batch over all devices (batch axis).
+    shard_streams: shard the K streams over all devices (stream axis; K a
+      multiple of the device count), also over the processes of a
+      multi-process run. None: only in a multi-process run.
     checkpoint_dir: where to checkpoint/resume (None: no checkpoints).
     checkpoint_every: batches between checkpoints (0: never).
     log_every: batches between progress lines (0: never) when `progress`
@@ -379,26 +469,58 @@ def run_streams(
     raise ValueError('the stream has no batches (zero examples)')
   records = Records(positions, len(domains), b)
   state0, axes = initial_state(adapter, variables, rngs)
+  multiprocess = jax.process_count() > 1
+  if shard_streams is None:
+    shard_streams = multiprocess
+  if shard_streams and len(plans) % jax.device_count():
+    raise ValueError(
+      f'{len(plans)} parallel streams{f" of {name}" if name else ""} are '
+      f'not divisible by the {jax.device_count()} devices they are sharded '
+      'over'
+    )
   shardings = None
+  if shard_batch and shard_streams:
+    raise ValueError(
+      'shard_batch and shard_streams exclude each other (one device axis)'
+    )
   if shard_batch:
     shardings = Shardings(0 if axes is None else 1, b)
     state0 = jax.device_put(state0, shardings.replicated)
+  elif shard_streams and jax.device_count() > 1:
+    shardings = StreamShardings(len(plans), axes, state0)
+    state0 = shardings.place_state(state0)
+    logging.info(
+      '%s: %d streams are sharded over %d devices of %d processes',
+      name,
+      len(plans),
+      jax.device_count(),
+      jax.process_count(),
+    )
   step = make_step(adapter, axes, meta=meta, shardings=shardings)
 
   def read(i):
     return read_batch(positions, domains, i, b, shardings, nonfinite)
 
   ckpt, start, state = None, 0, None
-  if checkpoint_dir is not None and checkpoint_every:
+  if checkpoint_dir is not None and checkpoint_every and multiprocess:
+    logging.log_first_n(
+      logging.INFO, 'Stream checkpoints are off in a multi-process run', 1
+    )
+  elif checkpoint_dir is not None and checkpoint_every:
     ckpt = StreamCheckpoint(checkpoint_dir, checkpoint_every)
     start, state = ckpt.restore(state0, records, shardings)
     if state is not None:
       logging.info('%s: resuming at batch %d/%d', name, start, num_batches)
 
+  def result(seconds, state):
+    if isinstance(shardings, StreamShardings):
+      state = shardings.gather_state(state)
+    return records.result(seconds, state)
+
   if start >= num_batches:  # the checkpoint covers the whole stream
     if ckpt is not None:
       ckpt.close()
-    return records.result(0.0, state)
+    return result(0.0, state)
   t_compile = time.perf_counter()
   compiled = step.lower(_copy(state0), read(start)).compile()
   compile_seconds = time.perf_counter() - t_compile
@@ -487,7 +609,7 @@ def run_streams(
       ckpt.close()
     if reporter is not None:
       reporter.close()
-  return records.result(compile_seconds, state)
+  return result(compile_seconds, state)
 
 
 def _scalars(metrics) -> dict[str, float]:
