@@ -41,6 +41,9 @@ class NotebooksTest(parameterized.TestCase):
         '03_meta_ttt.ipynb',
         '04_generalizeformer.ipynb',
         '05_bring_your_own_model.ipynb',
+        '06_mgg.ipynb',
+        '07_tlla.ipynb',
+        '08_generative_adapter.ipynb',
       },
       names,
     )

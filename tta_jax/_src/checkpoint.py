@@ -1,7 +1,10 @@
 """Orbax checkpoints of variables and adaptation states.
 
 Typed PRNG keys are stored as their key data and re-wrapped on restore, so
-an `AdaptState` (or any pytree holding keys) round-trips exactly.
+an `AdaptState` (or any pytree holding keys) round-trips exactly. Orbax
+cannot save zero-size arrays (an adapter state may hold one, e.g. the empty
+memory of MGG's memory-less ablation): `StateCheckpointer` stores each as a
+one-element placeholder and restores the template's empty array.
 """
 
 import hashlib
@@ -79,6 +82,27 @@ def _abstract(tree):
   )
 
 
+def _without_empty(tree: Any) -> Any:
+  """Zero-size arrays -> one zero of their dtype (orbax cannot save them)."""
+  return jax.tree.map(
+    lambda x: np.zeros((1,), np.asarray(x).dtype) if np.size(x) == 0 else x,
+    tree,
+  )
+
+
+def _with_empty(tree: Any, like: Any) -> Any:
+  """Inverse of `_without_empty`: the template's zero-size arrays back."""
+  return jax.tree.map(
+    lambda x, ref: (
+      jnp.zeros(np.shape(ref), ref.dtype)
+      if not _is_key(ref) and np.size(ref) == 0
+      else x
+    ),
+    tree,
+    like,
+  )
+
+
 def digest(tree: Any) -> str:
   """SHA-256 of a pytree's leaves (dtype, shape and bytes, in tree order)."""
   h = hashlib.sha256()
@@ -125,7 +149,7 @@ class StateCheckpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any) -> None:
-    storable = to_storable(tree)
+    storable = _without_empty(to_storable(tree))
     self.manager.save(step, args=ocp.args.StandardSave(storable))
     self.manager.wait_until_finished()
     self._sums.mkdir(exist_ok=True)
@@ -140,12 +164,13 @@ class StateCheckpointer:
     path = self._sums / f'{step}.sha256'
     if not path.exists():
       raise ValueError('it has no checksum, so it cannot be verified')
+    abstract = _abstract(_without_empty(to_storable(template)))
     restored = self.manager.restore(
-      step, args=ocp.args.StandardRestore(_abstract(template))
+      step, args=ocp.args.StandardRestore(abstract)
     )
     if digest(restored) != path.read_text().strip():
       raise ValueError('its contents do not match its checksum')
-    return from_storable(restored, template)
+    return _with_empty(from_storable(restored, template), template)
 
   def restore(self, template: Any, step: int | None = None) -> Any:
     """Step `step` (default: the latest), verified; raises if damaged."""
