@@ -117,6 +117,29 @@ class Shardings:
     self.batch = NamedSharding(mesh, P(*([None] * batch_axis), 'data'))
     self.replicated = NamedSharding(mesh, P())
 
+  # The interface `run_streams` uses, shared with `StreamShardings`.
+
+  def jit(self, fn):
+    return jax.jit(
+      fn,
+      donate_argnums=(0,),
+      in_shardings=(self.replicated, self.batch),
+      # The per-example scores stay sharded like the batch (propagated).
+      out_shardings=(self.replicated, None),
+    )
+
+  def place_state(self, state):
+    return jax.device_put(state, self.replicated)
+
+  def gather_state(self, state):
+    return state
+
+  def streams_to_read(self, num_streams: int):
+    return range(num_streams)
+
+  def place_batch(self, batches: dict, num_streams: int):
+    return jax.device_put(_stack(batches, num_streams), self.batch)
+
 
 class StreamShardings:
   """K vmapped streams split over all devices (stream axis), also across
@@ -160,6 +183,33 @@ class StreamShardings:
     whole = jax.jit(lambda x: x, out_shardings=self.replicated)(state)
     return jax.tree.map(lambda x: x.addressable_data(0), whole)
 
+  def jit(self, fn):
+    return jax.jit(
+      fn,
+      donate_argnums=(0,),
+      in_shardings=(self.state, self.streams),
+      # The scores come back whole, so every process holds all K streams.
+      out_shardings=(self.state, self.replicated),
+    )
+
+  def streams_to_read(self, num_streams: int):
+    """Only the streams this process feeds."""
+    del num_streams
+    return self.local_streams
+
+  def place_batch(self, batches: dict, num_streams: int):
+    first = batches[self.local_streams[0]]
+    return {
+      key: jax.make_array_from_callback(
+        (num_streams, *first[key].shape),
+        self.streams,
+        lambda index, key=key: np.stack(
+          [batches[s][key] for s in range(num_streams)[index[0]]]
+        ),
+      )
+      for key in first
+    }
+
 
 def _global(x, sharding):
   """`x` (the same on every process) as a global array; each process
@@ -171,7 +221,7 @@ def _global(x, sharding):
   return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
-def make_step(adapter, axes, *, meta, shardings: Shardings | None):
+def make_step(adapter, axes, *, meta, shardings):
   """The jitted, state-donating step of K streams, scoring on the device."""
 
   def body(state, batch):
@@ -190,21 +240,7 @@ def make_step(adapter, axes, *, meta, shardings: Shardings | None):
   fn = body if axes is None else jax.vmap(body, (axes, 0), (axes, 0))
   if shardings is None:
     return jax.jit(fn, donate_argnums=(0,))
-  if isinstance(shardings, StreamShardings):
-    return jax.jit(
-      fn,
-      donate_argnums=(0,),
-      in_shardings=(shardings.state, shardings.streams),
-      # The scores come back whole, so every process holds all K streams.
-      out_shardings=(shardings.state, shardings.replicated),
-    )
-  return jax.jit(
-    fn,
-    donate_argnums=(0,),
-    in_shardings=(shardings.replicated, shardings.batch),
-    # The per-example scores stay sharded like the batch (propagated).
-    out_shardings=(shardings.replicated, None),
-  )
+  return shardings.jit(fn)
 
 
 def _read_one(pos, domains, i: int, batch_size: int, nonfinite: str):
@@ -221,32 +257,24 @@ def read_batch(
 
   With stream shardings, only the streams this process feeds are read.
   """
-  if isinstance(shardings, StreamShardings):
-    mine = {
-      s: _read_one(positions[s], domains, i, batch_size, nonfinite)
-      for s in shardings.local_streams
-    }
-    k, first = len(positions), mine[shardings.local_streams[0]]
-    return {
-      key: jax.make_array_from_callback(
-        (k, *first[key].shape),
-        shardings.streams,
-        lambda index, key=key: np.stack(
-          [mine[s][key] for s in range(k)[index[0]]]
-        ),
-      )
-      for key in first
-    }
-  batches = [
-    _read_one(pos, domains, i, batch_size, nonfinite) for pos in positions
-  ]
-  if len(batches) == 1:
-    batch = batches[0]
-  else:
-    batch = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-  if shardings is not None:
-    batch = jax.device_put(batch, shardings.batch)
-  return batch
+  k = len(positions)
+  wanted = range(k) if shardings is None else shardings.streams_to_read(k)
+  batches = {
+    s: _read_one(positions[s], domains, i, batch_size, nonfinite)
+    for s in wanted
+  }
+  if shardings is None:
+    return _stack(batches, k)
+  return shardings.place_batch(batches, k)
+
+
+def _stack(batches: dict, num_streams: int):
+  """Stream 0's batch, or all streams' stacked (K > 1)."""
+  if num_streams == 1:
+    return batches[0]
+  return jax.tree.map(
+    lambda *xs: np.stack(xs), *(batches[s] for s in range(num_streams))
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -342,10 +370,8 @@ class StreamCheckpoint:
     records.skipped = restored['skipped']
     records.scores, records.seconds = restored['records'], restored['seconds']
     state = restored['state']
-    if isinstance(shardings, StreamShardings):
+    if shardings is not None:
       state = shardings.place_state(state)
-    elif shardings is not None:
-      state = jax.device_put(state, shardings.replicated)
     return int(restored['next']), state
 
   def save(self, next_index: int, state, records: Records) -> float:
@@ -485,7 +511,7 @@ def run_streams(
     )
   if shard_batch:
     shardings = Shardings(0 if axes is None else 1, b)
-    state0 = jax.device_put(state0, shardings.replicated)
+    state0 = shardings.place_state(state0)
   elif shard_streams and jax.device_count() > 1:
     shardings = StreamShardings(len(plans), axes, state0)
     state0 = shardings.place_state(state0)
@@ -513,7 +539,7 @@ def run_streams(
       logging.info('%s: resuming at batch %d/%d', name, start, num_batches)
 
   def result(seconds, state):
-    if isinstance(shardings, StreamShardings):
+    if shardings is not None:
       state = shardings.gather_state(state)
     return records.result(seconds, state)
 
