@@ -62,6 +62,9 @@ import tempfile
 import time
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT / 'benchmarks'))
+
+import step_speed  # noqa: E402  (benchmarks/step_speed.py)
 
 # Per domain, |JAX error - PyTorch error| in percentage points: 0.5 is 5
 # of a corrupted domain's 1,000 examples. The two sides reduce in
@@ -151,13 +154,6 @@ def _parse(argv=None):
       _ROOT / 'runs' / ('default_small' if args.quick else 'default')
     )
   return args
-
-
-def _out_paths(out):
-  path = pathlib.Path(out)
-  if path.suffix in ('.md', '.json'):
-    path = path.with_suffix('')
-  return path.with_suffix('.md'), path.with_suffix('.json')
 
 
 def _load_config(args):
@@ -508,11 +504,7 @@ def _markdown(rows, meta):
 
 def main(argv=None):
   args = _parse(argv)
-  if args.devices:
-    os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '')
-      + f' --xla_force_host_platform_device_count={args.devices}'
-    )
+  step_speed.set_host_devices(args.devices)
   if args.omp_wait_policy:
     os.environ['OMP_WAIT_POLICY'] = args.omp_wait_policy
   import jax
@@ -613,7 +605,7 @@ def main(argv=None):
   table = _markdown(rows, meta)
   print('\n' + table)
   if args.out:
-    md, js = _out_paths(args.out)
+    md, js = step_speed.out_paths(args.out)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(table)
     js.write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))

@@ -133,17 +133,7 @@ def profile_jax(name, setup, all_configs, args):
   import numpy as np
   from flax import traverse_util
 
-  from tta_jax import methods
-
-  factory, config, _ = step_speed._method_config(name, all_configs)
-  adapter = methods.from_config(
-    factory,
-    config,
-    setup.apply_fn,
-    source_images=setup.source_images,
-    input_shape=setup.shape,
-    num_classes=step_speed.NUM_CLASSES,
-  )
+  _, adapter, _ = step_speed.build_adapter(name, setup, all_configs)
   state = step_speed._copy(adapter.init(setup.variables, jax.random.key(1)))
   batch = jax.device_put({'image': setup.images[: args.batch_size]})
   step = jax.jit(adapter.step, donate_argnums=(0,))
@@ -359,7 +349,7 @@ def main(argv=None):
   text = '\n'.join(lines)
   print(text)
   if args.out:
-    md, js = step_speed._out_paths(args.out)
+    md, js = step_speed.out_paths(args.out)
     md.write_text(text + '\n')
     js.write_text(json.dumps([r for _, rows in report for r in rows], indent=1))
     print(f'wrote {md} and {js}')

@@ -160,7 +160,16 @@ def _quick_batch(args, model):
   return min(args.batch_size, 64 if model == 'digits_cnn' else 8)
 
 
-def _out_paths(out):
+def set_host_devices(n: int) -> None:
+  """XLA's host-platform device count (CPU), before JAX starts; 0: unset."""
+  if n:
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '')
+      + f' --xla_force_host_platform_device_count={n}'
+    )
+
+
+def out_paths(out):
   path = pathlib.Path(out)
   if path.suffix in ('.md', '.json'):
     path = path.with_suffix('')
@@ -417,6 +426,22 @@ def _random_meta(factory, adapter, setup, state, rng):
   return init_meta(**{k: v for k, v in available.items() if k in wanted}), True
 
 
+def build_adapter(name, setup, all_configs):
+  """`(factory name, adapter, notes)` of `name` on `setup`'s model."""
+  from tta_jax import methods
+
+  factory, config, notes = _method_config(name, all_configs)
+  adapter = methods.from_config(
+    factory,
+    config,
+    setup.apply_fn,
+    source_images=setup.source_images,
+    input_shape=setup.shape,
+    num_classes=NUM_CLASSES,
+  )
+  return factory, adapter, notes
+
+
 def _jax_timers(name, setup, all_configs, args, batch_size):
   """Compiles `name` on `setup`.
 
@@ -429,17 +454,9 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
   import jax
   import numpy as np
 
-  from tta_jax import methods, trainers
+  from tta_jax import trainers
 
-  factory, config, notes = _method_config(name, all_configs)
-  adapter = methods.from_config(
-    factory,
-    config,
-    setup.apply_fn,
-    source_images=setup.source_images,
-    input_shape=setup.shape,
-    num_classes=NUM_CLASSES,
-  )
+  factory, adapter, notes = build_adapter(name, setup, all_configs)
   rng = jax.random.key(args.seed + 1)
   try:
     state = adapter.init(setup.variables, rng)
@@ -682,11 +699,7 @@ def _markdown(rows, meta):
 
 def main(argv=None):
   args = _parse(argv)
-  if args.devices:
-    os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '')
-      + f' --xla_force_host_platform_device_count={args.devices}'
-    )
+  set_host_devices(args.devices)
   import jax
 
   sys.path.insert(0, str(_ROOT))
@@ -784,7 +797,7 @@ def main(argv=None):
   table = _markdown(rows, meta)
   print('\n' + table)
   if args.out:
-    md, js = _out_paths(args.out)
+    md, js = out_paths(args.out)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(table)
     js.write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))

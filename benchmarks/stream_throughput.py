@@ -40,11 +40,10 @@ def _parse():
 
 def main():
   args = _parse()
-  if args.devices:
-    os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '')
-      + f' --xla_force_host_platform_device_count={args.devices}'
-    )
+  sys.path.insert(0, os.path.dirname(__file__))
+  import step_speed  # benchmarks/step_speed.py
+
+  step_speed.set_host_devices(args.devices)
   import jax
   import jax.numpy as jnp
   import numpy as np
