@@ -7,7 +7,8 @@ reads, its outputs and its temporaries, per batch; the TLLA paper reports
 the GPU's own peak) of
 
 * zero-shot: one jitted forward of a batch of images (the class prompts
-  encoded in the same call, as the `source` method does);
+  encoded in the same call, as the model's own call does; the `source`
+  method encodes a dual encoder's classes once per stream instead);
 * TPT: one jitted `tpt(...).step` on the same batch (per image: 64 views
   through the image tower, confidence selection, the text tower forward
   and backward for the context's gradient, one AdamW step, the text tower
