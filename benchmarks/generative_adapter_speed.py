@@ -13,19 +13,23 @@ on the same weights, context and question:
 * full-context prompting: the context is prefilled once into a KV cache
   (in `--window`-token chunks), then each query continues that cache.
 
-FLOPs come from XLA's cost analysis of the compiled programs (the
-question's prefill plus `--new_tokens` single-token decode steps; the
-context's chunk steps); wall times are medians over `--repeats` runs after
-compilation. Bytes: the streaming state (d_r × d_r floats per layer; the
-LoRA factors it yields are r (D_in + D_out) per layer) vs the KV cache
-prompting keeps. `queries to break even` is how many questions about one
-context make the adapter's total (encode + Q answers) cheaper than
-prompting's (prefill + Q answers with the cache); without a kept cache
-(the paper's per-query accounting, the context re-read for every
-question) the adapter is cheaper from the first question.
+FLOPs come from XLA's cost analysis of the lowered programs (the question's
+prefill plus `--new_tokens` single-token decode steps; the context's chunk
+steps). XLA counts the body of a loop once, and the LM runs its layers as a
+`lax.scan`, so the programs whose FLOPs are counted are lowered with the
+layer loop unrolled (`LlamaConfig.unroll` = the number of layers, the same
+arithmetic); wall times are medians over `--repeats` runs of the scanned
+programs after compilation. Bytes: the streaming state (d_r × d_r floats
+per layer; the LoRA factors it yields are r (D_in + D_out) per layer) vs
+the KV cache prompting keeps. `queries to break even` is how many questions
+about one context make the adapter's total (encode + Q answers) cheaper
+than prompting's (prefill + Q answers with the cache); without a kept cache
+(the paper's per-query accounting, the context re-read for every question)
+the adapter is cheaper from the first question.
 """
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -38,8 +42,11 @@ from tta_jax.models.lm import generate, model
 
 
 def flops(fn, *args) -> float:
-  """XLA's FLOP count of `fn(*args)` compiled."""
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """XLA's FLOP count of `fn(*args)` as lowered, before XLA's optimisation
+  passes (a loop's body counts once: pass programs without loops, e.g.
+  the LM with its layers unrolled; the optimised CPU program counts only
+  part of the matrix products once fused)."""
+  cost = jax.jit(fn).lower(*args).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get('flops', float('nan')))
@@ -75,6 +82,10 @@ def load(name: str, d_r: int, rank: int, window: int):
 
 def run(args):
   config, params, gc, gen = load(args.model, args.d_r, args.rank, args.window)
+  # The layers unrolled, for XLA's FLOP count (see the module docstring).
+  # An int: `unroll=True` compares (and hashes) equal to the default 1, so
+  # a cached trace of the scanned program would be reused.
+  counted = dataclasses.replace(config, unroll=config.num_layers)
   rng = np.random.default_rng(0)
   q, new, w = args.query_tokens, args.new_tokens, args.window
   question = jnp.asarray(rng.integers(3, 500, (1, q)), jnp.int32)
@@ -96,7 +107,7 @@ def run(args):
     cache = model.init_cache(config, 1, cache_size + q + new)
 
     def step(p, c, lr, toks):
-      return model.apply(p, toks, config=config, cache=c, lowrank=lr,
+      return model.apply(p, toks, config=counted, cache=c, lowrank=lr,
                          return_logits=False).final  # fmt: skip
 
     pre = flops(step, params, cache, lowrank, question)
@@ -119,7 +130,7 @@ def run(args):
     state0 = ga.init_state(gc, config, 1)
     enc_flops = chunks * flops(
       lambda g, p, s, t, m: ga.update(g, p, s, t, m, config=gc,
-                                      lm_config=config),
+                                      lm_config=counted),
       gen, params, state0, toks[0], mask[0],
     )  # fmt: skip
 
@@ -135,13 +146,16 @@ def run(args):
     # --- full-context prompting
     slots = chunks * w
 
-    def prefill_step(p, c, t, m):
-      return model.apply(p, t, config=config, mask=m, cache=c,
+    def prefill_step(p, c, t, m, cfg=config):
+      return model.apply(p, t, config=cfg, mask=m, cache=c,
                          return_logits=False).cache  # fmt: skip
 
     prefill_jit = jax.jit(prefill_step)
     cache0 = model.init_cache(config, 1, slots)
-    pre_flops = chunks * flops(prefill_step, params, cache0, toks[0], mask[0])
+    pre_flops = chunks * flops(
+      lambda p, c, t, m: prefill_step(p, c, t, m, counted),
+      params, cache0, toks[0], mask[0],
+    )  # fmt: skip
 
     def prefill():
       c = cache0
