@@ -58,6 +58,15 @@ def test_adapt_main_runs_the_lm_runner_and_resumes(tmp_path, monkeypatch):
       assert d['error'] == pytest.approx(1 - d['exact_match'])
       assert 0 <= d['f1'] <= 1 and d['n'] > 0 and d['tokens_per_second'] > 0
     assert m['domains']['wiki']['perplexity'] > 1
+    # ICL episodes cycle through the rules: scores per rule add up.
+    icl = m['domains']['icl']
+    by = icl['by_task']
+    assert set(by) == {'icl_reverse', 'icl_upper'}
+    assert sum(v['n'] for v in by.values()) == icl['n']
+    assert sum(v['n'] * v['exact_match'] for v in by.values()) == (
+      pytest.approx(icl['n'] * icl['exact_match'])
+    )
+    assert 'by_task' not in m['domains']['facts']  # one kind of episode
     assert m['mean_error'] == pytest.approx(
       (m['domains']['facts']['error'] + m['domains']['icl']['error']) / 2
     )

@@ -261,7 +261,7 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
     )
   length = chunk_length(config, contexts)
   num_chunks = max(len(context.balanced_split(c, length)) for c in contexts)
-  preds, refs, examples = [], [], []
+  preds, refs, kinds, examples = [], [], [], []
   meter = _Meter()
   b = config.batch_size
   for bi, (idx, real) in enumerate(_batches(len(episodes), b)):
@@ -297,6 +297,7 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
         qa = episodes[idx[r]].qas[q]
         preds.append(pred)
         refs.append(qa.answer)
+        kinds.append(episodes[idx[r]].task)
         if len(examples) < 4:
           examples.append(
             {'prompt': texts[r], 'generated': text, 'answer': qa.answer}
@@ -312,7 +313,7 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
         meter.rate,
       )
   scores = text_metrics.qa_scores(preds, refs)
-  return {
+  out = {
     'error': 1.0 - scores['exact_match'],
     'exact_match': scores['exact_match'],
     'f1': scores['f1'],
@@ -321,6 +322,18 @@ def run_qa(name, fns, lm, episodes, config, rng) -> dict[str, Any]:
     **meter.summary(),
     'examples': examples,
   }
+  if len(set(kinds)) > 1:  # e.g. the ICL rules: scores per rule
+    out['by_task'] = {
+      kind: {
+        **text_metrics.qa_scores(
+          [p for p, k in zip(preds, kinds, strict=True) if k == kind],
+          [a for a, k in zip(refs, kinds, strict=True) if k == kind],
+        ),
+        'n': kinds.count(kind),
+      }
+      for kind in sorted(set(kinds))
+    }
+  return out
 
 
 def run_text(name, fns, lm, windows: corpora.Windows, config, rng,
