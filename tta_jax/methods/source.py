@@ -33,8 +33,8 @@ def source(apply_fn, *, cache_class_head: bool = True) -> base.Adapter:
     if head_fn is None:
       logits = out.logits
     else:
-      # Only the image features are used: the text tower is not traced
-      # into the compiled step.
+      # Only the image features are used: jit drops the model's own
+      # logits, and with them the text tower, from the compiled step.
       text, scale = state.extra
       logits = scale * out.features['pre_logits'] @ text.T
     return state._replace(step=state.step + 1), base.StepOutput(logits, {})
