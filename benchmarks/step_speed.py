@@ -510,6 +510,11 @@ def _jax_timers(name, setup, all_configs, args, batch_size):
   if isinstance(cost, list):  # older JAX: one dict per computation
     cost = cost[0] if cost else {}
   result['gflop'] = (cost or {}).get('flops', float('nan')) / 1e9
+  if ' while(' in compiled.as_text():
+    notes.append(
+      'the step loops (lax.map/scan): XLA counts a loop body once, so its '
+      'GFLOP is a lower bound'
+    )
   timers = {'jax': timer(compiled, state, device_batch, device_meta)}
 
   if jax.device_count() > 1:
