@@ -185,10 +185,29 @@ def test_coop_schedule():
     warmup_epochs=1,
     warmup_lr=1e-5,
   )
+  # Dassl's warmup hands over to a cosine that has not stepped yet: the
+  # epoch after the warmup trains at the full rate.
   assert lr(0) == 1e-5
-  assert lr(1) == pytest.approx(0.001 * (1 + math.cos(math.pi / 50)))
-  assert lr(49) == pytest.approx(0.001 * (1 + math.cos(math.pi * 49 / 50)))
+  assert lr(1) == pytest.approx(0.002)
+  assert lr(2) == pytest.approx(0.001 * (1 + math.cos(math.pi / 50)))
+  assert lr(49) == pytest.approx(0.001 * (1 + math.cos(math.pi * 48 / 50)))
   assert lr(1) > lr(25) > lr(49) > 0
+
+
+def test_coop_schedule_matches_torch_cosine():
+  # After the warmup epoch, epoch e trains at torch's CosineAnnealingLR
+  # (T_max = epochs) after e - 1 steps.
+  torch = pytest.importorskip('torch')
+  param = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.SGD([param], lr=0.002)
+  cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+  for epoch in range(1, 50):
+    ours = coop.epoch_learning_rate(
+      epoch, lr=0.002, epochs=50, warmup_epochs=1, warmup_lr=1e-5
+    )
+    assert ours == pytest.approx(opt.param_groups[0]['lr'], rel=1e-6)
+    opt.step()
+    cosine.step()
 
 
 def test_coop_trains_the_context_only_and_resumes(tmp_path):

@@ -59,10 +59,15 @@ def few_shot(labels: np.ndarray, shots: int, num_classes: int, seed: int):
 def epoch_learning_rate(
   epoch: int, *, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float
 ) -> float:
-  """Dassl's constant warmup then per-epoch cosine, at `epoch` (0-based)."""
+  """Dassl's constant warmup then per-epoch cosine, at `epoch` (0-based).
+
+  The first epoch after the warmup trains at `lr` itself: Dassl's warmup
+  hands over to a `CosineAnnealingLR` that has not stepped yet, which then
+  steps at the end of every epoch.
+  """
   if epoch < warmup_epochs:
     return warmup_lr
-  t = epoch - warmup_epochs + 1
+  t = epoch - warmup_epochs
   return 0.5 * lr * (1.0 + math.cos(math.pi * t / epochs))
 
 
