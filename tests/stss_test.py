@@ -200,6 +200,35 @@ def test_the_step_equals_its_recipe_and_never_encodes_text():
     np.testing.assert_allclose(out.logits[i], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_zero_encodes_the_classes_once():
+  _, apply_fn, variables = _model()
+  calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return apply_fn.class_head(*args, **kwargs)
+
+  def cached(*args, **kwargs):
+    return apply_fn(*args, **kwargs)
+
+  def plain(*args, **kwargs):  # no class head: the model's own logits
+    return apply_fn(*args, **kwargs)
+
+  cached.class_head = counted
+  images = {'image': jnp.asarray(_images(3, seed=4))}
+  logits = {}
+  for name, fn in (('cached', cached), ('plain', plain)):
+    adapter = stss_lib.zero(fn, n_selected=4, **VIEWS)
+    state = adapter.init(variables, jax.random.key(5))
+    _, out = jax.jit(adapter.step)(state, images)
+    logits[name] = out.logits
+  assert len(calls) == 1  # in init, not in the step
+  assert state.extra == stss_lib.StssState((), (), ())  # plain: no cache
+  np.testing.assert_allclose(
+    logits['cached'], logits['plain'], rtol=1e-5, atol=1e-5
+  )
+
+
 def test_batch_is_per_image():
   images = _images(4, seed=3)
   _, whole = _step('stss', images, n_perturbations=2)

@@ -14,8 +14,9 @@ VOTES = ('hard', 'soft')
 class StssState(NamedTuple):
   """What STSS computes once per run (`AdaptState.extra`)."""
 
-  # Class text features under p* and the R perturbed contexts, [R+1, K, E],
-  # and the logit scale (models with `apply_fn.class_head`); else empty.
+  # Class text features under p* and the R perturbed contexts, [R+1, K, E]
+  # (R = 0: ZERO), and the logit scale (models with `apply_fn.class_head`);
+  # else empty.
   head: Any
   scale: Any
   # The R perturbed parameter subsets ([R, ...] leaves) of models without
@@ -163,37 +164,42 @@ def stss(
     )
   if vote not in VOTES:
     raise ValueError(f'stss: vote must be one of {VOTES}, got {vote!r}')
-  head_fn = getattr(apply_fn, 'class_head', None) if n_perturbations else None
+  head_fn = getattr(apply_fn, 'class_head', None)
 
   def init_fn(variables, rng):
     empty = StssState((), (), ())
-    if not n_perturbations:
+    if head_fn is None and not n_perturbations:
       return base.init_state(variables, rng, extra=empty)
     params = variables['params']
-    ctx, frozen = params_lib.split_by(
-      perturb_mask, params, variables['batch_stats'], who='stss'
-    )
-    key = jax.random.key(perturbation_seed)
-    perturbed = perturb(key, ctx, n_perturbations, rho)
-    if head_fn is None:
-      extra = empty._replace(perturbed=perturbed)
-      return base.init_state(variables, rng, extra=extra)
+    heads = []
+    if n_perturbations:
+      ctx, frozen = params_lib.split_by(
+        perturb_mask, params, variables['batch_stats'], who='stss'
+      )
+      key = jax.random.key(perturbation_seed)
+      perturbed = perturb(key, ctx, n_perturbations, rho)
+      if head_fn is None:
+        extra = empty._replace(perturbed=perturbed)
+        return base.init_state(variables, rng, extra=extra)
+
+      def encode(c):
+        return head_fn(params_lib.merge(c, frozen))[0]
+
+      heads = [jax.lax.map(encode, perturbed)]
+    # The class text features under p* (and every p_r), encoded once.
     text, scale = head_fn(params)
-    others = jax.lax.map(
-      lambda c: head_fn(params_lib.merge(c, frozen))[0], perturbed
-    )
-    head = jnp.concatenate([text[None], others], axis=0)
+    head = jnp.concatenate([text[None], *heads], axis=0)
     return base.init_state(variables, rng, extra=StssState(head, scale, ()))
 
   def view_logits(state, views):
     """`[V, R+1, K]`: the views' logits under p* and every p_r."""
     params, stats, ex = state.params, state.batch_stats, state.extra
     out = apply_fn(params, stats, views)
-    if not n_perturbations:
-      return out.logits[:, None]
     if head_fn is not None:
       feats = out.features['pre_logits']
       return ex.scale * jnp.einsum('ve,rke->vrk', feats, ex.head)
+    if not n_perturbations:
+      return out.logits[:, None]
     _, frozen = params_lib.split(params, perturb_mask(params, stats))
     others = jax.vmap(
       lambda c: apply_fn(params_lib.merge(c, frozen), stats, views).logits
