@@ -229,6 +229,24 @@ def test_views():
   )
 
 
+def test_augmix_views_fill_black():
+  # The geometric AugMix ops uncover the frame of a flat grey image: TPT
+  # fills it with PIL's default, black (grey fill keeps every pixel above
+  # 0.35 here). At severity 10 the ops move far enough to show it.
+  grey = jnp.full(SHAPE, 128 / 255, jnp.float32)
+  views = augment.tpt_views(
+    jax.random.key(0),
+    grey,
+    n_views=64,
+    scale=(1.0, 1.0),
+    ratio=(1.0, 1.0),
+    flip=False,
+    augmix_views=True,
+    severity=10.0,
+  )
+  assert float(views.min()) < 0.1
+
+
 def test_bad_input():
   adapter = _adapter()
   with pytest.raises(ValueError, match='expects'):

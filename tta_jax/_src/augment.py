@@ -676,7 +676,8 @@ def tpt_views(
   input size, flipped horizontally with p 0.5 (`flip`), then with
   `augmix_views` mixed by AugMix (`augmix` at `severity`, 3 chains, TPT's
   setting for the fine-grained datasets; ImageNet and its variants use the
-  crops alone).
+  crops alone). TPT's AugMix ops leave PIL's default fill, black, where
+  a rotation or shear uncovers the frame (MEMO's fill grey).
 
   Args:
     key: a PRNG key.
@@ -702,7 +703,7 @@ def tpt_views(
     if flip:
       v = jnp.where(jax.random.uniform(k_flip) < 0.5, v[:, ::-1], v)
     if augmix_views:
-      v = augmix(k_mix, v, severity=severity)
+      v = augmix(k_mix, v, severity=severity, fill=0.0)
     return v.astype(image.dtype)
 
   if n_views == 1:
