@@ -34,6 +34,11 @@ class LossPropertiesTest(absltest.TestCase):
       float(jnp.mean(losses.softmax_entropy(z))),
     )
 
+  def test_marginal_entropy_of_an_impossible_class(self):
+    # No view gives class 1 any probability: it contributes 0, not NaN.
+    z = jnp.array([[0.0, -jnp.inf], [1.0, -jnp.inf]])
+    self.assertEqual(float(losses.marginal_entropy(z)), 0.0)
+
   def test_entropy_extremes(self):
     self.assertAlmostEqual(
       float(losses.softmax_entropy(jnp.zeros(5))), np.log(5), places=5

@@ -25,11 +25,13 @@ def marginal_entropy(logits: jax.Array, axis: int = 0) -> jax.Array:
     axis: the axis averaged over.
 
   Returns:
-    H(mean_n softmax(z_n)), computed in log space.
+    H(mean_n softmax(z_n)), computed in log space (a class no view gives
+    any probability contributes 0, not NaN).
   """
   logp = jax.nn.log_softmax(logits, axis=-1)
   n = logits.shape[axis]
   avg_logp = jax.nn.logsumexp(logp, axis=axis) - jnp.log(n)
+  avg_logp = jnp.maximum(avg_logp, jnp.finfo(avg_logp.dtype).min)
   return -jnp.sum(jnp.exp(avg_logp) * avg_logp, axis=-1)
 
 
