@@ -156,19 +156,24 @@ def test_the_cache_holds_the_perturbed_class_features():
   assert not np.allclose(other.extra.head[1:], state.extra.head[1:])
 
 
-def test_the_step_equals_its_recipe_and_never_encodes_text():
-  _, apply_fn, variables = _model()
-  calls = []
-  head = apply_fn.class_head
+def _counted(apply_fn, calls):
+  """`apply_fn` whose class head appends to `calls` when it runs."""
 
-  def counted(*args, **kwargs):
+  def head(*args, **kwargs):
     calls.append(1)
-    return head(*args, **kwargs)
+    return apply_fn.class_head(*args, **kwargs)
 
   def counted_apply(*args, **kwargs):
     return apply_fn(*args, **kwargs)
 
-  counted_apply.class_head = counted
+  counted_apply.class_head = head
+  return counted_apply
+
+
+def test_the_step_equals_its_recipe_and_never_encodes_text():
+  _, apply_fn, variables = _model()
+  calls = []
+  counted_apply = _counted(apply_fn, calls)
   adapter = stss_lib.stss(
     counted_apply, n_perturbations=3, n_selected=4, rho=0.8, **VIEWS
   )
@@ -203,18 +208,11 @@ def test_the_step_equals_its_recipe_and_never_encodes_text():
 def test_zero_encodes_the_classes_once():
   _, apply_fn, variables = _model()
   calls = []
-
-  def counted(*args, **kwargs):
-    calls.append(1)
-    return apply_fn.class_head(*args, **kwargs)
-
-  def cached(*args, **kwargs):
-    return apply_fn(*args, **kwargs)
+  cached = _counted(apply_fn, calls)
 
   def plain(*args, **kwargs):  # no class head: the model's own logits
     return apply_fn(*args, **kwargs)
 
-  cached.class_head = counted
   images = {'image': jnp.asarray(_images(3, seed=4))}
   logits = {}
   for name, fn in (('cached', cached), ('plain', plain)):

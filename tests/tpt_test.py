@@ -206,6 +206,19 @@ def test_first_adamw_step_is_its_closed_form():
   )
 
 
+def _uncropped_views(image, n_views, **kw):
+  """TPT's views with crops of the whole image and no flips."""
+  return augment.tpt_views(
+    jax.random.key(0),
+    image,
+    n_views=n_views,
+    scale=(1.0, 1.0),
+    ratio=(1.0, 1.0),
+    flip=False,
+    **kw,
+  )
+
+
 def test_views():
   image = jnp.asarray(_images(1)[0])
   views_fn = jax.jit(augment.tpt_views, static_argnames='n_views')
@@ -216,14 +229,7 @@ def test_views():
   again = views_fn(jax.random.key(0), image, n_views=64)
   np.testing.assert_array_equal(views, again)
   # Without flips and at scale (1, 1) with ratio 1 every view is the image.
-  same = augment.tpt_views(
-    jax.random.key(0),
-    image,
-    n_views=4,
-    scale=(1.0, 1.0),
-    ratio=(1.0, 1.0),
-    flip=False,
-  )
+  same = _uncropped_views(image, 4)
   np.testing.assert_allclose(
     same, np.broadcast_to(image, same.shape), atol=1e-6
   )
@@ -234,16 +240,7 @@ def test_augmix_views_fill_black():
   # fills it with PIL's default, black (grey fill keeps every pixel above
   # 0.35 here). At severity 10 the ops move far enough to show it.
   grey = jnp.full(SHAPE, 128 / 255, jnp.float32)
-  views = augment.tpt_views(
-    jax.random.key(0),
-    grey,
-    n_views=64,
-    scale=(1.0, 1.0),
-    ratio=(1.0, 1.0),
-    flip=False,
-    augmix_views=True,
-    severity=10.0,
-  )
+  views = _uncropped_views(grey, 64, augmix_views=True, severity=10.0)
   assert float(views.min()) < 0.1
 
 

@@ -167,28 +167,27 @@ def stss(
   head_fn = getattr(apply_fn, 'class_head', None)
 
   def init_fn(variables, rng):
-    empty = StssState((), (), ())
-    if head_fn is None and not n_perturbations:
-      return base.init_state(variables, rng, extra=empty)
     params = variables['params']
-    heads = []
+    perturbed = ()
     if n_perturbations:
       ctx, frozen = params_lib.split_by(
         perturb_mask, params, variables['batch_stats'], who='stss'
       )
       key = jax.random.key(perturbation_seed)
       perturbed = perturb(key, ctx, n_perturbations, rho)
-      if head_fn is None:
-        extra = empty._replace(perturbed=perturbed)
-        return base.init_state(variables, rng, extra=extra)
+    if head_fn is None:
+      extra = StssState((), (), perturbed)
+      return base.init_state(variables, rng, extra=extra)
+    # The class text features under p* (and every p_r), encoded once.
+    text, scale = head_fn(params)
+    heads = [text[None]]
+    if n_perturbations:
 
       def encode(c):
         return head_fn(params_lib.merge(c, frozen))[0]
 
-      heads = [jax.lax.map(encode, perturbed)]
-    # The class text features under p* (and every p_r), encoded once.
-    text, scale = head_fn(params)
-    head = jnp.concatenate([text[None], *heads], axis=0)
+      heads.append(jax.lax.map(encode, perturbed))
+    head = jnp.concatenate(heads, axis=0)
     return base.init_state(variables, rng, extra=StssState(head, scale, ()))
 
   def view_logits(state, views):
