@@ -227,6 +227,17 @@ def test_coop_trains_the_context_only_and_resumes(tmp_path):
   assert not testing.trees_equal(ctx0, ctx1)
   assert np.isfinite(result.metrics['loss'])
   assert {'source_zero_shot_accuracy', 'source_accuracy'} <= set(result.metrics)
+  shots = sources.SubsetSource(
+    _digits(100, 0), coop.few_shot(_digits(100, 0).labels, COOP['shots'], 10, 0)
+  )
+  _, apply_fn, _ = _tiny()
+  for key, variables in (
+    ('shots_zero_shot_accuracy', init),
+    ('shots_accuracy', result.variables),
+  ):
+    assert result.metrics[key] == lit.zero_shot_accuracy(
+      apply_fn, variables, shots
+    )
   shutil.rmtree(tmp_path / 'a' / '3')  # interrupted after epoch 2
   resumed = coop.train(_ctx(COOP, tmp_path / 'a'))
   testing.assert_trees_close(resumed.variables, result.variables, atol=1e-6)

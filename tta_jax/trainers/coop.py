@@ -27,6 +27,7 @@ import optax
 from absl import logging
 
 from tta_jax._src import augment, losses, params as params_lib
+from tta_jax.data import sources
 from tta_jax.models import vlm
 from tta_jax.trainers import base, lit
 
@@ -81,9 +82,10 @@ def train(
   `flip`.
 
   Returns:
-    The variables with the learned context, and metrics: the final loss
-    and, per validation domain, the accuracy before (the initial context)
-    and after.
+    The variables with the learned context, and metrics: the final loss,
+    the accuracy on the (uncropped) shots before (the initial context) and
+    after, which says how much the shots had left to teach, and the same
+    per validation domain.
   """
   hp = ctx.hparams
   variables = ctx.variables
@@ -185,7 +187,15 @@ def train(
     'params': params_lib.merge(trainable, frozen),
     'batch_stats': batch_stats,
   }
-  metrics = {'loss': float(loss), 'shots': int(hp.shots)}
+  shots = sources.SubsetSource(source, idx)
+  metrics = {
+    'loss': float(loss),
+    'shots': int(hp.shots),
+    'shots_zero_shot_accuracy': lit.zero_shot_accuracy(
+      apply_fn, variables, shots
+    ),
+    'shots_accuracy': lit.zero_shot_accuracy(apply_fn, learned, shots),
+  }
   for d in ctx.val_domains:
     metrics[f'{d.name}_zero_shot_accuracy'] = lit.zero_shot_accuracy(
       apply_fn, variables, d.source
