@@ -186,7 +186,7 @@ def measure(name, args) -> dict:
   views = dict(
     n_views=args.n_views,
     flip=name != 'small',
-    crop_scale=(0.3, 1.0) if name == 'small' else (0.08, 1.0),
+    crop_scale=(0.9, 1.0) if name == 'small' else (0.08, 1.0),
   )
 
   zero_shot = jax.jit(lambda p, s, x: apply_fn(p, s, x).logits)
