@@ -227,8 +227,9 @@ def test_coop_trains_the_context_only_and_resumes(tmp_path):
   assert not testing.trees_equal(ctx0, ctx1)
   assert np.isfinite(result.metrics['loss'])
   assert {'source_zero_shot_accuracy', 'source_accuracy'} <= set(result.metrics)
+  source = _digits(100, 0)  # _ctx's source domain
   shots = sources.SubsetSource(
-    _digits(100, 0), coop.few_shot(_digits(100, 0).labels, COOP['shots'], 10, 0)
+    source, coop.few_shot(source.labels, COOP['shots'], 10, 0)
   )
   _, apply_fn, _ = _tiny()
   for key, variables in (

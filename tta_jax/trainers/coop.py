@@ -187,7 +187,7 @@ def train(
     'params': params_lib.merge(trainable, frozen),
     'batch_stats': batch_stats,
   }
-  shots = sources.SubsetSource(source, idx)
+  shots = sources.ArraySource(data['image'], data['label'])  # in memory
   metrics = {
     'loss': float(loss),
     'shots': int(hp.shots),
