@@ -171,6 +171,7 @@ def measure(name, args) -> dict:
   import numpy as np
   import optax
 
+  from configs import vlm_digits
   from tta_jax import models
   from tta_jax.methods import stss, tpt
 
@@ -183,10 +184,11 @@ def measure(name, args) -> dict:
   images = np.random.default_rng(args.seed).uniform(size=(batch, *shape))
   images = jax.device_put(images.astype(np.float32))
   params, stats = variables['params'], variables['batch_stats']
+  # The digits config's views for the small model, the paper's for ViT.
+  paper_views = {'flip': True, 'crop_scale': (0.08, 1.0)}
   views = dict(
     n_views=args.n_views,
-    flip=name != 'small',
-    crop_scale=(0.9, 1.0) if name == 'small' else (0.08, 1.0),
+    **(vlm_digits.TPT_VIEWS if name == 'small' else paper_views),
   )
 
   zero_shot = jax.jit(lambda p, s, x: apply_fn(p, s, x).logits)
