@@ -8,6 +8,7 @@ average pooling is our global mean.
 """
 
 import hashlib
+import logging as std_logging
 import types
 
 import jax
@@ -208,11 +209,16 @@ def _run_main(argv):
   from experiments import convert_torch_main
 
   flags = convert_torch_main.FLAGS
+  # Unparsing sets absl's logger to the default verbosity (WARNING), which
+  # would hide the INFO lines later tests in this process look for.
+  absl_logger = std_logging.getLogger('absl')
+  level = absl_logger.level
   try:
     flags(['convert_torch_main', *argv])
     convert_torch_main.main(['convert_torch_main'])
   finally:
     flags.unparse_flags()
+    absl_logger.setLevel(level)
 
 
 def test_main_end_to_end(tmp_path):
