@@ -419,6 +419,7 @@ def test_truncated_meta_gradient_matches_finite_differences():
     g1, unravel = ravel_pytree(jax.grad(loss)(theta0, x1))
     x, _, _ = mgg.adam_features(g1, 0 * g1, 0 * g1, jnp.zeros([], int))
 
+    @jax.jit  # ten evaluations below: compile once
     def objective(phi):  # J(phi) = L(theta_0 - lr u_phi(x_1, W1, b1); X_2)
       memory = module.apply({'params': phi}, n, method='initial_memory')
       u, _ = module.apply({'params': phi}, x, memory)
