@@ -67,8 +67,7 @@ class AdaptRunnerTest(absltest.TestCase):
         self.assertBetween(d['ece'], 0.0, 1.0)
         self.assertGreater(d['seconds'], 0.0)
       self.assertIn('clean_error_after', m)
-    # source does not adapt: before == after, and equals the checkpoint's
-    # clean error on those examples' split.
+    # source does not adapt: its clean error before and after are equal.
     src = saved['methods']['source']
     self.assertEqual(src['clean_error_before'], src['clean_error_after'])
     table = (workdir / 'results.md').read_text()
@@ -128,7 +127,22 @@ class AdaptRunnerTest(absltest.TestCase):
       streams.read_batch = real_read
     ckpts = list((workdir / 'adapt_ckpt').glob('*/seed0/*'))
     self.assertNotEmpty(ckpts)
-    resumed = adapt.run(config, workdir)
+    # The second run starts from the checkpoint, not from the beginning: it
+    # reads fewer batches than a whole run does.
+    reads = {'n': 0}
+
+    def counted(*args, **kwargs):
+      reads['n'] += 1
+      return real_read(*args, **kwargs)
+
+    streams.read_batch = counted
+    try:
+      resumed = adapt.run(config, workdir)
+      resumed_reads = reads['n']
+      adapt.run(config, self.workdir())
+    finally:
+      streams.read_batch = real_read
+    self.assertLess(resumed_reads, reads['n'] - resumed_reads)
     self.assertEqual(_errors(resumed), _errors(full))
     for d, v in full['methods']['tent']['domains'].items():
       r = resumed['methods']['tent']['domains'][d]

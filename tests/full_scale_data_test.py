@@ -310,7 +310,7 @@ class TfdsSourceTest(parameterized.TestCase):
     )
     with self.assertRaisesRegex(ValueError, r'labels must lie in \[0, 3\)'):
       src[np.array([0])]
-    with self.assertRaises(IndexError):
+    with self.assertRaisesRegex(IndexError, r'must lie in \[0, 12\)'):
       src[np.array([12])]
     with self.assertRaisesRegex(TypeError, '1-D integer'):
       src[np.array([[0]])]

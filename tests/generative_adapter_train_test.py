@@ -143,7 +143,8 @@ def test_only_the_generator_learns(tiny, tmp_path, objective):
   ga.check_params(gen, gc, config)
   assert np.asarray(gen['w_o']).any()  # W_O left zero: it learned
   assert np.isfinite(result.metrics['loss'])
-  # The frozen LM is exactly what it was.
+  # The frozen LM is exactly what it was (the trainer neither returns nor
+  # writes into it).
   jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(params))
   # The LM is backpropagated through (its gradient exists) but is not a
   # parameter of the update: the generator's gradient is what moves.
@@ -170,6 +171,7 @@ def test_only_the_generator_learns(tiny, tmp_path, objective):
   for g in jax.tree.leaves((g_gen, g_lm)):
     assert np.isfinite(np.asarray(g)).all()
   assert np.asarray(g_gen['w_o']).any()
+  assert any(np.asarray(g).any() for g in jax.tree.leaves(g_lm))
 
 
 def test_training_resumes_to_the_same_generator(tiny, tmp_path, monkeypatch):
@@ -187,7 +189,15 @@ def test_training_resumes_to_the_same_generator(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(trainer.Batch, '__call__', real_call)
   ctx = _ctx(tiny, tmp_path / 'b')
   assert ctx.checkpointer.latest_step() == 2
+  steps = []
+
+  def counted(self, step):
+    steps.append(step)
+    return real_call(self, step)
+
+  monkeypatch.setattr(trainer.Batch, '__call__', counted)
   resumed = trainer.train(ctx).meta
+  assert steps and min(steps) == 2, steps  # from the checkpoint, not step 0
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 

@@ -1,6 +1,8 @@
 """MGG: the gradient memory layer, the learned optimiser, the method, and
 its pre-training (the checks of the method's specification)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -440,7 +442,7 @@ def test_truncated_meta_gradient_matches_finite_differences():
       assert abs(float(fd)) > 1e-9, name
 
 
-def test_pretraining_reloads_bit_identically_and_resumes(tmp_path):
+def test_pretraining_reloads_bit_identically_and_resumes(tmp_path, caplog):
   ctx = _context(tmp_path / 'a', epochs=3)
   result = mgg_trainer.train(ctx)
   assert set(result.meta) == {'phi', 'source_mean', 'source_std'}
@@ -459,7 +461,9 @@ def test_pretraining_reloads_bit_identically_and_resumes(tmp_path):
   # Interrupted after 2 epochs, resumed to 3: the same phi.
   ctx2 = _context(tmp_path / 'b', epochs=2)
   mgg_trainer.train(ctx2)
-  resumed = mgg_trainer.train(ctx2._replace(hparams=ctx.hparams))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    resumed = mgg_trainer.train(ctx2._replace(hparams=ctx.hparams))
+  assert 'mgg: resuming pre-training at epoch 2' in caplog.text
   assert test_utils.trees_equal(resumed.meta, result.meta)
 
 

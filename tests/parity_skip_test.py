@@ -9,7 +9,12 @@ from tta_jax import torch_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every test file that needs the optional `torch` extra.
-PARITY_FILES = ('tests/convert_test.py', 'tests/torch_parity_test.py')
+PARITY_FILES = (
+  'tests/convert_test.py',
+  'tests/end_to_end_benchmark_test.py',
+  'tests/torch_parity_test.py',
+  'tests/vlm_parity_test.py',
+)
 
 
 def test_parity_tests_skip_with_the_install_command():

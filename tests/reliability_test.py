@@ -202,12 +202,23 @@ class CheckpointTest(absltest.TestCase):
       d for d in workdir.glob('adapt_ckpt/*/seed0/*') if d.name.isdigit()
     ]
     latest = max(steps, key=lambda d: int(d.name))
+    damaged = []
     for path in latest.rglob('*'):
       if path.is_file() and path.stat().st_size > 5000:
         data = bytearray(path.read_bytes())
         data[5000:5400] = bytes(b ^ 0xFF for b in data[5000:5400])
         path.write_bytes(bytes(data))
-    self.assertEqual(_strip(adapt.run(config, workdir)), reference)
+        damaged.append(path)
+    self.assertNotEmpty(damaged)
+    # The damaged step is refused (not silently read), and the run resumes
+    # from the step before it to the same results.
+    with self.assertLogs(level='WARNING') as logs:
+      result = _strip(adapt.run(config, workdir))
+    self.assertTrue(
+      any(f'step {latest.name} ' in m and 'not used' in m for m in logs.output),
+      logs.output,
+    )
+    self.assertEqual(result, reference)
 
   def test_damaged_source_model_is_refused(self):
     directory = pathlib.Path(_source())

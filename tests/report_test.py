@@ -156,6 +156,7 @@ def test_small_table_has_no_heatmap():
 def test_seeds_give_error_bars():
   fig = report.figure(fake_results(seeds=3))
   per_domain, mean = fig.axes[0], fig.axes[1]
+  assert per_domain.containers
   assert all(c.has_yerr for c in per_domain.containers)
   assert sum(c.has_xerr for c in mean.containers) == 12
   assert '3 seeds' in fig.get_suptitle()

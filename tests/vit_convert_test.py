@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from tta_jax import models
+from configs import mgg_imagenet
+from tta_jax import methods, models
 from tta_jax.models.vision import convert
 
 SMALL = dict(width=48, depth=3, num_heads=3)  # 32x32 inputs, patch 16
@@ -122,10 +123,17 @@ def test_vit_b16_layout_is_complete_and_strict():
     )
   )
   assert shapes['params']['pos_embed'].shape == (1, 197, 768)
+  # The converted model's LayerNorm affines, as the MGG configs select
+  # them: MGTTA's 38,400 adapted scalars.
+  mask = methods.mask_from_spec(mgg_imagenet.LAYER_NORMS)(shapes['params'], {})
   n_ln = sum(
-    v.size for k, v in sd.items() if 'norm' in k and not k.startswith('head')
+    v.size
+    for v, m in zip(
+      jax.tree.leaves(shapes['params']), jax.tree.leaves(mask), strict=True
+    )
+    if m
   )
-  assert n_ln == 25 * 2 * 768  # MGTTA's 38,400 adapted scalars
+  assert n_ln == 25 * 2 * 768
   sd['blocks.3.attn.qkv.weight'] = sd['blocks.3.attn.qkv.weight'][:100]
   with pytest.raises(ValueError, match='blocks.3.attn.qkv.weight'):
     convert.from_torch_state_dict(

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tta_jax import torch_reference
 from tta_jax.models import vlm
 from tta_jax.models.vlm import bert, clip_import
 
 pytestmark = pytest.mark.torch
 
-torch = pytest.importorskip(
-  'torch', reason='PyTorch parity tests need torch: pip install torch'
-)
+torch = pytest.importorskip('torch', reason=torch_reference.INSTALL_HINT)
 
 TEXTS = [
   'a photo of a seven.',

@@ -61,7 +61,7 @@ def test_classifier_outputs_and_scale():
   module, variables = _tiny()
   apply_fn = models.make_apply_fn(module, SHAPE)
   x = np.random.default_rng(0).uniform(size=(3, *SHAPE)).astype(np.float32)
-  out = apply_fn(variables['params'], variables['batch_stats'], x)
+  out = source = apply_fn(variables['params'], variables['batch_stats'], x)
   assert out.logits.shape == (3, 10)
   img = out.features['pre_logits']
   np.testing.assert_allclose(jnp.linalg.norm(img, axis=-1), 1.0, rtol=1e-6)
@@ -76,6 +76,7 @@ def test_classifier_outputs_and_scale():
     variables['params'], variables['batch_stats'], x, use_batch_stats=True
   )
   assert batch.logits.shape == (3, 10)
+  assert np.abs(np.asarray(batch.logits - source.logits)).max() > 1e-4
 
 
 def test_ensemble_is_the_mean_of_templates():

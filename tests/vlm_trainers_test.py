@@ -1,6 +1,7 @@
 """The dual encoder's trainers, called directly: LiT and CoOp."""
 
 import functools
+import logging
 import math
 import shutil
 
@@ -129,7 +130,7 @@ def test_clip_loss_is_symmetric_infonce():
   np.testing.assert_allclose(lit.clip_loss(img, txt, 10.0), expected, rtol=1e-5)
 
 
-def test_lit_trains_the_image_tower_only_and_resumes(tmp_path):
+def test_lit_trains_the_image_tower_only_and_resumes(tmp_path, caplog):
   _, _, init = _tiny()
   result = lit.train(_ctx(LIT, tmp_path / 'a'))
   trained = result.variables['params']
@@ -142,7 +143,9 @@ def test_lit_trains_the_image_tower_only_and_resumes(tmp_path):
   # Interrupted after step 2 (its checkpoint kept), then resumed: the same
   # model.
   shutil.rmtree(tmp_path / 'a' / '4')
-  resumed = lit.train(_ctx(LIT, tmp_path / 'a'))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    resumed = lit.train(_ctx(LIT, tmp_path / 'a'))
+  assert 'lit: resuming at step 2' in caplog.text  # not from the start
   testing.assert_trees_close(resumed.variables, result.variables, atol=1e-6)
 
 
@@ -210,7 +213,7 @@ def test_coop_schedule_matches_torch_cosine():
     cosine.step()
 
 
-def test_coop_trains_the_context_only_and_resumes(tmp_path):
+def test_coop_trains_the_context_only_and_resumes(tmp_path, caplog):
   _, _, init = _tiny()
   calls = []
 
@@ -240,5 +243,7 @@ def test_coop_trains_the_context_only_and_resumes(tmp_path):
       apply_fn, variables, shots
     )
   shutil.rmtree(tmp_path / 'a' / '3')  # interrupted after epoch 2
-  resumed = coop.train(_ctx(COOP, tmp_path / 'a'))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    resumed = coop.train(_ctx(COOP, tmp_path / 'a'))
+  assert 'coop: resuming at epoch 2' in caplog.text  # not from the start
   testing.assert_trees_close(resumed.variables, result.variables, atol=1e-6)

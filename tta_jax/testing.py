@@ -1,6 +1,8 @@
 """Helpers for tests: a tiny BN net, fake batches, tree comparisons."""
 
+import contextlib
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -92,3 +94,23 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(_host(x), _host(y), rtol=rtol, atol=atol)
+
+
+@contextlib.contextmanager
+def compilations():
+  """Yields a list that collects the XLA compilations inside the block.
+
+  Each entry is JAX's log message for one compiled program, so an empty
+  list means every call reused a program compiled before the block.
+  """
+  messages = []
+  handler = logging.Handler(logging.DEBUG)
+  handler.emit = lambda r: messages.append(r.getMessage())
+  logger = logging.getLogger('jax')
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      yield messages
+  finally:
+    logger.removeHandler(handler)
+  messages[:] = [m for m in messages if 'Compiling' in m]
