@@ -168,6 +168,35 @@ class T3AGoldenTest(parameterized.TestCase):
     )
     self.assertTrue(test_utils.trees_equal(s_pad.params, variables['params']))
 
+  def test_class_subset_equals_a_model_of_those_classes(self):
+    # On ImageNet-R/-A the runner restricts the logits to 200 classes; T3A
+    # then works on those classes' columns of the head, exactly as on a
+    # model whose head has only them.
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(4, 6)), rng.normal(size=6)
+    subset = [1, 4, 5]
+    full_fn, full_vars = _linear_model(kernel, bias)
+    small_fn, small_vars = _linear_model(kernel[:, subset], bias[subset])
+    restricted = models.restrict_classes(full_fn, subset)
+    z = _images(rng.normal(size=(5, 4)))
+    outs = []
+    for fn, variables in ((restricted, full_vars), (small_fn, small_vars)):
+      adapter = t3a_lib.t3a(fn, filter_k=2)
+      state = adapter.init(variables, jax.random.key(0))
+      outs.append(adapter.step(state, {'image': z})[1].logits)
+    self.assertEqual(outs[0].shape, (5, 3))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
+
+    # Logits narrower than the head, by another route: refused.
+    def narrowed(*args, **kwargs):
+      out = full_fn(*args, **kwargs)
+      return out._replace(logits=out.logits[:, :3])
+
+    adapter = t3a_lib.t3a(narrowed, filter_k=2)
+    state = adapter.init(full_vars, jax.random.key(0))
+    with self.assertRaisesRegex(ValueError, '3 logits but .* 6 classes'):
+      adapter.step(state, {'image': z})
+
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, 'filter_k'):
       t3a_lib.t3a(None, filter_k=0)

@@ -57,6 +57,10 @@ def t3a(
       `bias` [K]).
     features: key of `ModelOutput.features` feeding the classifier.
 
+  On a class-subset benchmark (ImageNet-R/-A: `models.restrict_classes`)
+  the classifier's columns are those of the subset, so the supports and
+  the prototype classifier have the benchmark's classes only.
+
   Returns:
     An `Adapter` whose `extra` is a `T3AState`; parameters never change.
 
@@ -81,9 +85,13 @@ def t3a(
         f'(top-level modules: {sorted(params)}).'
       )
     kernel = params[head]['kernel']  # [D, K]
+    bias = params[head].get('bias', jnp.zeros(kernel.shape[1], kernel.dtype))
+    subset = getattr(apply_fn, 'class_subset', None)
+    if subset is not None:  # the benchmark's classes only
+      kernel, bias = kernel[:, subset], bias[subset]
     num_classes, dim = kernel.shape[1], kernel.shape[0]
     warmup = kernel.T  # [K, D]: the classifier's weight vectors
-    warmup_logits = warmup @ kernel + params[head].get('bias', 0.0)
+    warmup_logits = warmup @ kernel + bias
     empty = T3AState(
       supports=jnp.zeros((num_classes, capacity, dim), kernel.dtype),
       entropy=jnp.zeros((num_classes, capacity), kernel.dtype),
@@ -101,6 +109,13 @@ def t3a(
   def step_fn(state, batch, *, meta=None, **extra_args):
     del meta, extra_args
     out = apply_fn(state.params, state.batch_stats, batch['image'])
+    num_classes = state.extra.supports.shape[0]
+    if out.logits.shape[-1] != num_classes:
+      raise ValueError(
+        f't3a: the model gives {out.logits.shape[-1]} logits but its '
+        f'classifier {head!r} has {num_classes} classes (restrict classes '
+        'with models.restrict_classes, which T3A follows)'
+      )
     z = out.features[features]  # [B, D]
     extra = add_supports(
       state.extra,

@@ -220,6 +220,7 @@ def restrict_classes(apply_fn: ApplyFn, subset) -> ApplyFn:
       return text[subset], scale
 
     restricted.class_head = class_head
+  restricted.class_subset = subset  # for methods that read the head (T3A)
   return restricted
 
 
