@@ -25,6 +25,8 @@ import ml_collections
 
 from configs import common
 
+SAR_ADAPT = 'bn_affine,!re:^layer4'
+
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, small=False)
@@ -41,6 +43,10 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict({'name': 'resnet50'})
   config.source_ckpt = ''  # required: converted torchvision weights
   config.method_configs = common.method_configs(imagenet=True)
+  # SAR and DeYO adapt every BN affine but the last stage's, as their
+  # official code (and MD's) does on ResNets.
+  for name in ('sar', 'deyo'):
+    config.method_configs[name].adapt = SAR_ADAPT
   config.methods = 'source,norm,tent'
   config.setting = 'continual'
   config.batch_size = 64

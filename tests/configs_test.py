@@ -9,6 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from tta_jax import methods, models
+from tta_jax._src import params as params_lib
 from tta_jax.runners import adapt, configs
 
 CONFIGS = sorted(
@@ -70,6 +71,29 @@ class ConfigsTest(parameterized.TestCase):
         **context,
       )
       del adapter  # building validates every key of the method's config
+
+  def test_imagenet_sar_and_deyo_skip_the_last_stage(self):
+    from configs import imagenet_c
+
+    config = imagenet_c.get_config()
+    model = models.build('resnet50', num_classes=1000)
+    v = jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3))
+    )
+    for name in ('sar', 'deyo'):
+      mask = methods.mask_from_spec(config.method_configs[name].adapt)(
+        v['params'], v['batch_stats']
+      )
+      flat = dict(
+        zip(
+          params_lib.paths(mask),
+          jax.tree.leaves(mask),
+          strict=True,
+        )
+      )
+      self.assertTrue(flat['layer3_5/bn3/scale'] and flat['bn1/bias'], name)
+      self.assertFalse(any(v for k, v in flat.items() if 'layer4' in k), name)
+      self.assertFalse(flat['layer3_5/conv1/kernel'], name)
 
   def test_every_registered_method_has_a_default_config(self):
     from configs import common
