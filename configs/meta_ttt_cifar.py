@@ -19,8 +19,8 @@ clean test split, `data.clean_kwargs`).
 evaluates Meta-TTT beside source, BN and Tent (Tent's reference numbers
 are in configs/cifar10c.py). `:dataset=cifar100` switches to CIFAR-100-C
 (give a 100-class source checkpoint; `--config.model.name=resnet26` or
-`resnet50` pick other backbones: `max_layers` in `meta_ttt.LAST_BN`
-covers their last BN). `:ablations` adds the digits config's ablation
+`resnet50` pick other backbones: `max_layers='last'` finds their last
+BN, `models.LAST_BN`). `:ablations` adds the digits config's ablation
 variants. `:small` shrinks the run for a smoke test.
 
 Meta-training settings are the authors' `meta_sup.sh` (see

@@ -132,6 +132,9 @@ class AdapterTest(absltest.TestCase):
       state = adapter.init(variables, jax.random.key(0))
       _, out = jax.jit(adapter.step)(state, batch)
       np.testing.assert_allclose(out.logits, expected, rtol=1e-4, atol=1e-5)
+    # Outside [0, 1] the mixed variance can be negative: refused.
+    with self.assertRaisesRegex(ValueError, r'alpha must be in \[0, 1\]'):
+      meta_ttt.meta_ttt(apply_fn, alpha=1.5)
     # The same limits with the learned per-channel alpha of every layer.
     alpha_apply, alpha_vars = _alpha_net(0)
     for alpha, mode in ((1.0, None), (0.0, models.BNMode(ddof=1))):
@@ -226,6 +229,29 @@ class AdapterTest(absltest.TestCase):
       'bn1/alpha',
       params_lib.selected_paths(params, inner.groups(params, stats)['min']),
     )
+
+  def test_code_groups_maximise_with_the_last_bn_of_each_family(self):
+    # ResNet-50 also has ResNet-18's `layer4_1/bn2`: its last BN before
+    # pooling is the last block's `bn3`.
+    for name, shape, want in (
+      ('digits_cnn', (28, 28, 1), 'bn4'),
+      ('resnet18', (32, 32, 3), 'layer4_1/bn2'),
+      ('resnet50', (32, 32, 3), 'layer4_2/bn3'),
+      ('wide_resnet28_2', (32, 32, 3), 'bn'),
+    ):
+      module = models.build(name, num_classes=10)
+      v = jax.eval_shape(
+        lambda m=module, s=shape: models.init_variables(m, s, jax.random.key(0))
+      )
+      inner = meta_ttt.make_minimax(None, alpha=0.5)
+      groups = inner.groups(v['params'], v['batch_stats'])
+      self.assertEqual(
+        params_lib.selected_paths(v['params'], groups['max']),
+        [f'{want}/bias'],
+        name,
+      )
+    with self.assertRaisesRegex(ValueError, 'none of .* is a BN layer'):
+      models.last_bn({'norm': {'mean': 0, 'var': 1}})
 
   def test_episodic_and_needs_alpha(self):
     apply_fn, variables = _alpha_net()

@@ -12,6 +12,7 @@ labelled source batches.
 """
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -21,12 +22,6 @@ from flax import traverse_util
 
 from tta_jax import models
 from tta_jax._src import base, grad_step, losses, params as params_lib
-
-# The BN layer right before global pooling in each registered model family:
-# DigitsCNN `bn4`, WideResNet and ResNet-26 `bn`, ResNet-18 `layer4_1/bn2`
-# (the authors' `--max_bn_layer layer4.1.bn2`). ResNet-50 needs
-# `max_layers='layer4_2/bn3'`.
-LAST_BN = 'bn4|bn|layer4_1/bn2'
 
 
 def ssl_loss(
@@ -88,7 +83,7 @@ def make_minimax(
   steps: int = 1,
   minimax: bool = True,
   groups: str = 'code',
-  max_layers: str = LAST_BN,
+  max_layers: str = 'last',
   exclude: str = 'downsample',
   alpha: float | None = None,
   adapt_alpha: bool = False,
@@ -111,9 +106,14 @@ def make_minimax(
   if exclude:
     bn = params_lib.difference(bn, params_lib.by_regex(exclude))
   if groups == 'code':
-    max_fn = params_lib.intersection(
-      bn, params_lib.by_regex(f'^(?:{max_layers})/bias$')
-    )
+
+    def max_fn(params, batch_stats):
+      layers = max_layers
+      if layers == 'last':
+        layers = re.escape(models.last_bn(batch_stats))
+      chosen = params_lib.by_regex(f'^(?:{layers})/bias$')
+      return params_lib.intersection(bn, chosen)(params, batch_stats)
+
     min_fn = params_lib.difference(bn, max_fn)
   else:  # the paper's text: shifts maximise, scales minimise
     max_fn = params_lib.intersection(bn, params_lib.by_regex(r'(^|/)bias$'))
@@ -223,7 +223,8 @@ def meta_ttt(apply_fn, **hparams) -> base.Adapter:
       entropy minimisation).
     groups: `'code'` or `'paper'`, see above.
     max_layers: regex (full match) of the BN module paths whose bias is
-      psi_max under `groups='code'`.
+      psi_max under `groups='code'`; `'last'`: the model's BN before
+      pooling (`models.last_bn`).
     exclude: regex of parameter paths never adapted (downsample BNs).
     alpha: None: learned per-channel alpha; a float: fixed source weight
       (needs no alpha parameters; the "fixed alpha" ablation).

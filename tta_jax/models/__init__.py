@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from tta_jax.models import vlm
 from tta_jax.models.vision import cifar, digits, layers, resnet, vit
@@ -31,6 +32,8 @@ __all__ = [
   'from_config',
   'init_variables',
   'make_apply_fn',
+  'LAST_BN',
+  'last_bn',
   'restrict_classes',
   'mixed_bn',
   'layers',
@@ -198,6 +201,25 @@ def with_mixed_bn(apply_fn: ApplyFn, alpha: float | None) -> ApplyFn:
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f'mixed_bn_alpha must be in [0, 1], got {alpha}')
   return with_batch_bn(apply_fn, mixed_bn(float(alpha)))
+
+
+# The BN layer right before global pooling in each model family, most
+# specific first: ResNet-50 `layer4_2/bn3` (it also has a `layer4_1/bn2`),
+# ResNet-18 `layer4_1/bn2`, WideResNet and ResNet-26 `bn`, DigitsCNN `bn4`.
+LAST_BN = ('layer4_2/bn3', 'layer4_1/bn2', 'bn', 'bn4')
+
+
+def last_bn(batch_stats) -> str:
+  """The path of the model's BN layer before pooling (Meta-TTT's psi_max;
+  the first of `LAST_BN` the model has)."""
+  modules = {'/'.join(k[:-1]) for k in traverse_util.flatten_dict(batch_stats)}
+  for path in LAST_BN:
+    if path in modules:
+      return path
+  raise ValueError(
+    f'none of {LAST_BN} is a BN layer of this model; name its last BN '
+    f'(BN layers: {sorted(modules)[:8]})'
+  )
 
 
 def restrict_classes(apply_fn: ApplyFn, subset) -> ApplyFn:

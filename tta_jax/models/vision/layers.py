@@ -56,6 +56,8 @@ def mixed_bn(alpha: float | None = None) -> BNMode:
   """
   if alpha is None:
     return BNMode(ddof=1, mixture_variance=True, learned_weight=True)
+  if not 0.0 <= alpha <= 1.0:  # outside, the mixed variance can be < 0
+    raise ValueError(f'mixed BN: alpha must be in [0, 1], got {alpha}')
   return BNMode(source_weight=alpha, ddof=1, mixture_variance=True)
 
 
