@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -23,7 +25,7 @@ from absl.testing import absltest
 
 from configs import default
 from tta_jax import methods, testing as test_utils
-from tta_jax._src import checkpoint
+from tta_jax._src import base, checkpoint
 from tta_jax.data import streams
 from tta_jax.methods import tent
 from tta_jax.runners import adapt, pretrain, scoring, streams as stream_lib
@@ -306,6 +308,29 @@ class NonFiniteStreamTest(absltest.TestCase):
     finally:
       streams.read_batch = real_read
 
+  def test_nonfinite_logits_are_errors_and_counted(self):
+    # A step that diverges on finite inputs: its NaN logits would argmax to
+    # class 0, the label here; they are scored wrong and counted instead.
+    logits = jnp.asarray(
+      [[5.0, 0.0, 0.0], [np.nan, 0.0, 0.0], [np.inf, 0.0, 0.0], [5, 0, 0]]
+    )
+    adapter = types.SimpleNamespace(
+      step=lambda state, inputs, meta=None: (
+        state,
+        base.StepOutput(logits, {}),
+      )
+    )
+    step = stream_lib.make_step(adapter, None, meta=None, shardings=None)
+    batch = {
+      'image': jnp.zeros((4, 2, 2, 1)),
+      'mask': jnp.ones(4, bool),
+      'label': jnp.zeros(4, jnp.int32),
+    }
+    _, scores = step(jnp.zeros(()), batch)
+    np.testing.assert_array_equal(scores['correct'], [1, 0, 0, 1])
+    np.testing.assert_array_equal(scores['nonfinite'], [0, 1, 1, 0])
+    np.testing.assert_array_equal(scores['invalid'], [0, 0, 0, 0])
+
   def test_nan_rows_are_masked_scored_and_counted(self):
     config = _config(methods='source,norm,tent,sar')
     clean = adapt.run(config, _workdir())
@@ -313,6 +338,7 @@ class NonFiniteStreamTest(absltest.TestCase):
     for name in ('source', 'norm', 'tent', 'sar'):
       m = poisoned['methods'][name]
       self.assertEqual(m['invalid_inputs'], 2.0)
+      self.assertEqual(m['nonfinite_outputs'], 0.0)  # not counted twice
       self.assertEqual(m['skipped_updates'], 0.0)
       self.assertTrue(np.isfinite(m['mean_nll']))
       # Two wrong rows at most change the first domain's error by 2 %;

@@ -51,10 +51,9 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
       k: getattr(res, k).reshape(-1)[valid]
       for k in ('correct', 'nll', 'confidence')
     }
-    invalid = (
-      res.invalid.reshape(-1)[valid]
-      if res.invalid is not None
-      else np.zeros(len(dom), bool)
+    invalid, nonfinite = (
+      x.reshape(-1)[valid] if x is not None else np.zeros(len(dom), bool)
+      for x in (res.invalid, res.nonfinite)
     )
     doms = {}
     for d, domain in enumerate(domains):
@@ -64,6 +63,8 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
       m = metrics.summarize({k: v[sel] for k, v in rec.items()})
       # Rows with NaN or Inf pixels: masked out of adaptation, scored wrong.
       m['invalid_inputs'] = int(invalid[sel].sum())
+      # Finite inputs with NaN or Inf logits (a diverged step): scored wrong.
+      m['nonfinite_outputs'] = int(nonfinite[sel].sum())
       m['seconds'] = float(res.seconds[:, d].sum())
       m['examples_per_second'] = (
         m['n'] / m['seconds'] if m['seconds'] > 0 else float('nan')
@@ -71,6 +72,7 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
       doms[domain.name] = m
     overall = metrics.summarize(rec)
     overall['invalid_inputs'] = int(invalid.sum())
+    overall['nonfinite_outputs'] = int(nonfinite.sum())
     overall['skipped_updates'] = (
       int(res.skipped.sum()) if res.skipped is not None else 0
     )
@@ -98,6 +100,9 @@ def summarize(results: Sequence[StreamResult], domains) -> dict[str, Any]:
     # because it would have made the state non-finite (means over seeds).
     'invalid_inputs': float(
       np.mean([s[1]['invalid_inputs'] for s in per_seed])
+    ),
+    'nonfinite_outputs': float(
+      np.mean([s[1]['nonfinite_outputs'] for s in per_seed])
     ),
     'skipped_updates': float(
       np.mean([s[1]['skipped_updates'] for s in per_seed])

@@ -43,6 +43,8 @@ class StreamResult:
   invalid: np.ndarray | None = None
   # [K, num_batches] 1 where the step skipped its update (non-finite state).
   skipped: np.ndarray | None = None
+  # [K, num_batches, B] finite inputs whose logits were not (scored wrong).
+  nonfinite: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -231,8 +233,12 @@ def make_step(adapter, axes, *, meta, shardings):
     # Rows with NaN or Inf pixels were masked out by the step (the input
     # policy of `base.adapter`); they are scored as errors and counted.
     finite = base.finite_rows(batch['image'])
-    scores['correct'] = scores['correct'] & finite
+    # A prediction from NaN or Inf logits (a diverged step) is an error,
+    # not the argmax's class 0, and is counted.
+    finite_out = jnp.all(jnp.isfinite(out.logits), axis=-1)
+    scores['correct'] = scores['correct'] & finite & finite_out
     scores['invalid'] = ~finite
+    scores['nonfinite'] = finite & ~finite_out
     scores['skipped'] = out.metrics.get('skipped_update', jnp.zeros([]))
     scores['metrics'] = dict(out.metrics)  # read only for TensorBoard
     return state, scores
@@ -292,6 +298,7 @@ class Records:
       'nll': np.zeros(shape, np.float32),
       'confidence': np.zeros(shape, np.float32),
       'invalid': np.zeros(shape, bool),
+      'nonfinite': np.zeros(shape, bool),
     }
     self.skipped = np.zeros((k, num_batches), np.float32)
     self.domain = np.zeros(shape, np.int32)
@@ -338,6 +345,7 @@ class Records:
       state,
       self.scores['invalid'],
       self.skipped,
+      self.scores['nonfinite'],
     )
 
 
@@ -712,6 +720,7 @@ def run_per_domain_parallel(
     final_state=final_state,
     invalid=cat('invalid'),
     skipped=np.concatenate([r.skipped.reshape(1, -1) for r in parts], 1),
+    nonfinite=cat('nonfinite'),
   )
 
 
