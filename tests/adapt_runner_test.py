@@ -106,6 +106,12 @@ class AdaptRunnerTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'target_split'):
       benchmarks.build(config.data, config.setting)
 
+  def test_gradual_needs_severities(self):
+    config = _config()
+    config.data.name = 'digits_rotated'
+    with self.assertRaisesRegex(ValueError, "'gradual' needs .* severities"):
+      benchmarks.build(config.data, 'gradual')
+
   def test_resume_equals_uninterrupted(self):
     config = _config(checkpoint_every=2)
     full = adapt.run(config, self.workdir())

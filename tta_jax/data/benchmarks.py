@@ -280,8 +280,17 @@ def _digits_corrupted(cfg, setting) -> Benchmark:
   )
 
 
+def _no_severities(name: str, setting: str) -> None:
+  """Refuses `gradual` on a benchmark whose domains have no severities."""
+  if streams.parse_setting(setting)[0] == 'gradual':
+    raise ValueError(
+      f"setting 'gradual' needs corruption severities, which {name!r} does "
+      'not have; use continual'
+    )
+
+
 def _digits_rotated(cfg, setting) -> Benchmark:
-  del setting
+  _no_severities('digits_rotated', setting)
   splits = digits.load(
     train=cfg.train_size,
     val=cfg.val_size,
@@ -339,7 +348,9 @@ def _full_scale(cfg, setting) -> Benchmark:
 
   kwargs = dict(cfg.loader_kwargs)
   base, _ = streams.parse_setting(setting)
-  if base == 'gradual' and 'severities' in _params(full_scale, cfg.name):
+  if base == 'gradual':
+    if 'severities' not in _params(full_scale, cfg.name):
+      _no_severities(cfg.name, setting)
     kwargs['severities'] = streams.GRADUAL_SEVERITIES
   domains = full_scale.load_domains(cfg.name, **kwargs)
   if not domains:
