@@ -103,6 +103,7 @@ def get_config(arg=None):
   if arg.model == 'vit':
     config.model = ml_collections.ConfigDict({'name': 'digits_vit'})
     config.pretrain.epochs = 40  # a ViT from scratch needs longer
+    config.methods = 'source,tent,sar,mgg'  # no BN statistics for norm
     for name in ('tent', 'sar', 'deyo'):
       config.method_configs[name].adapt = LAYER_NORMS
   if arg.analyses:

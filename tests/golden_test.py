@@ -111,6 +111,12 @@ class NormGoldenTest(absltest.TestCase):
     )
     np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
 
+  def test_a_model_without_bn_is_refused(self):
+    adapter = methods.norm.norm(self.apply_fn)
+    variables = {**self.variables, 'batch_stats': {}}  # a LayerNorm model
+    with self.assertRaisesRegex(ValueError, 'no BN statistics'):
+      adapter.init(variables, jax.random.key(0))
+
   def test_prior_strength_weights_source_by_n_over_n_plus_batch(self):
     adapter = methods.norm.norm(self.apply_fn, prior_strength=16.0)
     state = adapter.init(self.variables, jax.random.key(0))

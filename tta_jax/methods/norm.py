@@ -52,6 +52,11 @@ def norm(
     raise ValueError(f'norm: source_weight must be in [0, 1]: {source_weight}')
 
   def init_fn(variables, rng):
+    if not jax.tree.leaves(variables['batch_stats']):
+      raise ValueError(
+        'norm: the model has no BN statistics (a LayerNorm model such as a '
+        'ViT), so it would only reproduce the source model'
+      )
     return base.init_state(variables, rng)
 
   def step_fn(state, batch, *, meta=None, **extra_args):
