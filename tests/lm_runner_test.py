@@ -104,3 +104,13 @@ def test_bad_method_and_task_names():
     ValueError, match="prompt_format must be 'completion' or 'chat'"
   ):
     lm.validate_config(config)
+
+
+def test_generator_window_must_equal_the_context_chunks():
+  from configs import generative_adapter as ga_config
+
+  config = ga_config.get_config('small')
+  lm.validate_config(config)
+  config.chunk_tokens += 16
+  with pytest.raises(ValueError, match='windows of 48 tokens but .* 64'):
+    lm.validate_config(config)

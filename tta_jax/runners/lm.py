@@ -112,6 +112,16 @@ def validate_config(config) -> list[str]:
       "prompt_format must be 'completion' or 'chat', got "
       f'{config.prompt_format!r}'
     )
+  for name in names:  # contexts stream in the generator's own windows
+    if method_factory(config, name) != 'generative_adapter':
+      continue
+    gen = method_kwargs(config, name).get('generator')
+    window = generative_adapter.generator_config(gen).window
+    if window != config.chunk_tokens:
+      raise ValueError(
+        f'{name}: the generator works on windows of {window} tokens but '
+        f'config.chunk_tokens is {config.chunk_tokens}; set them equal'
+      )
   trained_names(config)
   return names
 
