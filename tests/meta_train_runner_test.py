@@ -108,6 +108,29 @@ class MetaTrainRunnerTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"partial.*'method'"):
       train.run(config, workdir)
 
+  def test_misspelled_trainer_settings_are_refused(self):
+    from configs import meta_ttt_digits, vlm_digits
+
+    config = meta_ttt_digits.get_config('small')
+    config.meta_train.meta_ttt.learning_rat = 0.1  # learning_rate
+    with self.assertRaisesRegex(
+      ValueError, r"unknown meta_ttt trainer settings \['learning_rat'\]"
+    ):
+      train.run(config, tempfile.mkdtemp())
+    # A variant is checked against the trainer it runs.
+    config = meta_ttt_digits.get_config('small')
+    config.meta_train.meta_ttt_no_shift.shiftp = 0.0
+    with self.assertRaisesRegex(ValueError, r"settings \['shiftp'\]"):
+      configs.trained_names(config)
+    # The source recipe of a source trainer (LiT), beside its name.
+    pretrain = vlm_digits.get_config('small').pretrain
+    trainers.check_settings('lit', pretrain, ignore=('trainer',))
+    pretrain.stepz = 3
+    with self.assertRaisesRegex(
+      ValueError, r"lit trainer settings \['stepz'\]"
+    ):
+      trainers.check_settings('lit', pretrain, ignore=('trainer',))
+
   def test_unknown_meta_method(self):
     config = default.get_config('small')
     config.meta_methods = 'nope'

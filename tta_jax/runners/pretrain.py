@@ -29,6 +29,7 @@ def _train_with(name: str, config, benchmark, workdir):
       f'unknown config.pretrain.trainer {name!r}; valid: '
       f"'' (supervised) or {sorted(trainers.SOURCE_TRAINERS)}"
     )
+  trainers.check_settings(name, config.pretrain, ignore=('trainer',))
   module, apply_fn = artifacts.build_model(config.model, benchmark)
   rng = jax.random.key(config.seed)
   train_domains, val_domains = benchmark.meta_source_domains()

@@ -46,3 +46,24 @@ SOURCE_TRAINERS: dict[str, Callable[[base.TrainContext], base.TrainResult]] = {
 LM_TRAINERS: dict[str, Callable[[lm_base.LMTrainContext], base.TrainResult]] = {
   'generative_adapter': generative_adapter.train,
 }
+
+# The settings each trainer of `TRAINERS` and `SOURCE_TRAINERS` reads.
+SETTINGS: dict[str, frozenset[str]] = {
+  'meta_ttt': meta_ttt.SETTINGS,
+  'generalizeformer': generalizeformer.SETTINGS,
+  'mgg': frozenset(mgg.DEFAULTS),
+  'coop': coop.SETTINGS,
+  'sapt': sapt.SETTINGS,
+  'lit': lit.SETTINGS,
+}
+
+
+def check_settings(trainer: str, hparams, *, ignore=()) -> None:
+  """Raises ValueError naming the settings `trainer` does not read (a
+  misspelled key would otherwise leave its default in place)."""
+  unknown = sorted(set(hparams) - SETTINGS[trainer] - set(ignore))
+  if unknown:
+    raise ValueError(
+      f'unknown {trainer} trainer settings {unknown}; valid: '
+      f'{sorted(SETTINGS[trainer])}'
+    )

@@ -72,6 +72,13 @@ def epoch_learning_rate(
   return 0.5 * lr * (1.0 + math.cos(math.pi * t / epochs))
 
 
+# The settings `train` reads (`ctx.hparams`); others are refused as typos.
+SETTINGS = frozenset({
+  'shots', 'epochs', 'batch_size', 'learning_rate', 'momentum',
+  'weight_decay', 'warmup_epochs', 'warmup_lr', 'crop_scale', 'flip',
+})  # fmt: skip
+
+
 def train(
   ctx: base.TrainContext, *, gradient: GradientFn = plain_gradient
 ) -> base.TrainResult:

@@ -37,6 +37,15 @@ class _Split(NamedTuple):
   targets: tuple[str, ...]  # meta-target domains (unseen by the backbone)
 
 
+# The settings `train` reads (`ctx.hparams`); others are refused as typos.
+SETTINGS = frozenset({
+  'backbone', 'backbone_batch_size', 'backbone_epochs',
+  'backbone_learning_rate', 'batch_size', 'episode_length', 'eval_every',
+  'first_order', 'grad_clip', 'learning_rate', 'remat', 'steps',
+  'weight_decay',
+})  # fmt: skip
+
+
 def train(ctx: base.TrainContext) -> base.TrainResult:
   """Meta-trains phi on the source domains (paper: meta-source/target).
 

@@ -185,6 +185,14 @@ def _trainable(params):
   return {k: v for k, v in params.items() if k in ('image', 'logit_scale')}
 
 
+# The settings `train` reads (`config.pretrain`, beside its `trainer`).
+SETTINGS = frozenset({
+  'steps', 'batch_size', 'learning_rate', 'warmup_steps', 'weight_decay',
+  'bn_momentum', 'plain_fraction', 'styled_fraction', 'numerals',
+  'text_init', 'checkpoint_every',
+})  # fmt: skip
+
+
 def train(ctx: base.TrainContext) -> base.TrainResult:
   """LiT training of `ctx.module`'s image tower and logit scale.
 

@@ -156,6 +156,16 @@ def _recompute_stats(apply_fn, params, batch_stats, batches):
   return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *stats)
 
 
+# The settings `train` reads (`ctx.hparams`); others are refused as typos.
+SETTINGS = frozenset({
+  'alpha_init', 'alpha_learning_rate', 'batch_size', 'clip_alpha',
+  'decay_at', 'decay_factor', 'eval_every', 'first_order',
+  'head_lr_multiplier', 'learning_rate', 'momentum', 'nesterov',
+  'sequential_minimax', 'shift_p', 'source_stats', 'stats_batches', 'steps',
+  'val_examples', 'weight_decay',
+})  # fmt: skip
+
+
 def train(ctx: base.TrainContext) -> base.TrainResult:
   """Meta-trains the backbone and alpha for `meta_ttt` (second order).
 

@@ -97,6 +97,9 @@ def _train_one(ctx: base.TrainContext, rho: float, weight: float):
   return result._replace(metrics=metrics)
 
 
+SETTINGS = coop.SETTINGS | {'rho', 'sharpness_weight', 'rho_grid'}
+
+
 def train(ctx: base.TrainContext) -> base.TrainResult:
   """SAPT on `ctx.source_domains[0]`: only `prompt/ctx` changes.
 
