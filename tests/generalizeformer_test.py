@@ -206,14 +206,16 @@ class AdapterTest(absltest.TestCase):
     ).logits
     np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
     self.assertEqual(float(out.metrics['delta_norm']), 0.0)
+    self.assertEqual(float(out.metrics['source_bn_fallback']), 0.0)
     self.assertTrue(test_utils.trees_equal(state1.params, variables['params']))
-    # One valid row (no batch variance): source statistics.
+    # One valid row (no batch variance): source statistics, and it says so.
     one = test_utils.fake_batch(1, 4, labels=False, mask=[1, 0, 0, 0])
     _, out = step(state, one, meta=phi)
     source = apply_fn(
       variables['params'], variables['batch_stats'], one['image'][:1]
     ).logits
     np.testing.assert_allclose(out.logits[:1], source, rtol=1e-5, atol=1e-6)
+    self.assertEqual(float(out.metrics['source_bn_fallback']), 1.0)
 
   def test_stateless_unless_accumulate(self):
     apply_fn, variables = _net()

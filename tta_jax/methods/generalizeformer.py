@@ -210,6 +210,9 @@ def generalizeformer(
       'entropy': losses.masked_mean(losses.softmax_entropy(out.logits), mask),
       'delta_norm': optax.tree.norm(delta),
     }
+    if bn_mode == 'batch':  # 1: too few rows, source statistics were used
+      n = jnp.sum(losses.batch_mask(batch, batch['image'].shape[0]))
+      metrics['source_bn_fallback'] = (n < min_batch_stats).astype(jnp.float32)
     if aux_tent_huber_weight:
       upd, _ = tent_tx.update(grads, tent_tx.init(theta_s), theta_s)
       target = jax.lax.stop_gradient(optax.apply_updates(theta_s, upd))

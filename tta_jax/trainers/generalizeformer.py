@@ -59,10 +59,14 @@ def train(ctx: base.TrainContext) -> base.TrainResult:
     meta-target batches from domain k, which that backbone never saw, as
     the test domain was never seen. Backbones are cached in
     `ctx.cache_dir` and shared by the variants (ablations).
-  - 'joint' (the official code's training loop): one backbone, from the
-    source model, takes an AdamW cross-entropy step on a random meta-source
-    domain d before each phi step on a batch of another domain; the
-    trained backbone is returned and replaces the source model.
+  - 'joint' (the official code's training loop, simplified): one
+    backbone, from the source model, takes an AdamW cross-entropy step on a
+    random meta-source domain d before each phi step on a batch of another
+    domain; the trained backbone is returned and replaces the source model.
+    Unlike the code, the whole backbone has one learning rate (the code's
+    fc rate; its trunk takes half), with no drop (the code's x0.1 at 60 %
+    of training), and each step's batch comes from one domain (the code
+    draws 10 images per class from each other source domain).
   - 'source' (the 'without meta-learning' ablation): the source model,
     meta-target batches from every source domain (no simulated shift).
 
