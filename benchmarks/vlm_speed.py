@@ -169,10 +169,9 @@ METHODS = ('zero_shot', 'tpt', 'tlla', 'image_tower')
 def measure(name, args) -> dict:
   import jax
   import numpy as np
-  import optax
 
-  from configs import vlm_digits
-  from tta_jax import models
+  from configs import common, vlm_digits
+  from tta_jax import methods, models
   from tta_jax.methods import stss, tpt
 
   module, shape = _model(name, args)
@@ -191,7 +190,9 @@ def measure(name, args) -> dict:
   )
 
   zero_shot = jax.jit(lambda p, s, x: apply_fn(p, s, x).logits)
-  tpt_adapter = tpt.tpt(apply_fn, optax.adamw(5e-3, weight_decay=0.01), **views)
+  # TPT's AdamW as the method configs give it (lr 5e-3, torch's decay 0.01).
+  optimizer = methods.make_optimizer(common.method_configs().tpt.optimizer)
+  tpt_adapter = tpt.tpt(apply_fn, optimizer, **views)
   tpt_state = tpt_adapter.init(variables, jax.random.key(args.seed))
   tpt_step = jax.jit(lambda s, x: tpt_adapter.step(s, {'image': x})[1].logits)
   tlla = stss.stss(
