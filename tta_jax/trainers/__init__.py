@@ -60,10 +60,13 @@ SETTINGS: dict[str, frozenset[str]] = {
 
 def check_settings(trainer: str, hparams, *, ignore=()) -> None:
   """Raises ValueError naming the settings `trainer` does not read (a
-  misspelled key would otherwise leave its default in place)."""
-  unknown = sorted(set(hparams) - SETTINGS[trainer] - set(ignore))
+  misspelled key would otherwise leave its default in place). A trainer
+  registered without an entry in `SETTINGS` is not checked."""
+  allowed = SETTINGS.get(trainer)
+  if allowed is None:
+    return
+  unknown = sorted(set(hparams) - allowed - set(ignore))
   if unknown:
     raise ValueError(
-      f'unknown {trainer} trainer settings {unknown}; valid: '
-      f'{sorted(SETTINGS[trainer])}'
+      f'unknown {trainer} trainer settings {unknown}; valid: {sorted(allowed)}'
     )
