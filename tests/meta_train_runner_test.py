@@ -90,6 +90,35 @@ class MetaTrainRunnerTest(absltest.TestCase):
     finally:
       trainers.TRAINERS.pop('toy', None)
 
+  def test_meta_from_on_one_held_out_domain(self):
+    # The default suite's share of the slow test above: adaptation refuses
+    # before meta-training, and a method on another's meta-trained backbone.
+    trainers.TRAINERS['toy'] = _toy_trainer
+    try:
+      config = default.get_config('small')
+      config.data.name = 'digits_rotated_dg'
+      config.data.rotations = (0, 60, 75)
+      config.data.held_out = 'rot75'
+      config.pretrain.epochs = 1  # toy's backbone ignores what it learned
+      config.meta_methods = 'toy'
+      config.meta_train.toy = {'scale': 3.0}
+      config.methods = 'source_on_toy'
+      config.method_configs.source_on_toy = {
+        'method': 'source',
+        'meta_from': 'toy',
+      }
+      workdir = pathlib.Path(tempfile.mkdtemp())
+      with self.assertRaisesRegex(FileNotFoundError, 'meta_train_main'):
+        adapt.run(config, workdir)
+      train.run(config, workdir)
+      results = adapt.run(config, workdir)
+      self.assertEqual(results['domains'], ['rot75'])
+      on_toy = results['methods']['source_on_toy']['domains']['rot75']
+      # toy's backbone predicts class 0 everywhere: 90 % error.
+      self.assertAlmostEqual(on_toy['error'], 0.9, delta=0.02)
+    finally:
+      trainers.TRAINERS.pop('toy', None)
+
   def test_partial_run_under_other_settings_is_refused(self):
     config = default.get_config('small')
     config.meta_methods = 'meta_ttt'
