@@ -30,26 +30,29 @@ def _toy_trainer(ctx: base.TrainContext) -> base.TrainResult:
   )
 
 
+def _toy_config(held_out: str, methods: str):
+  """Rotated digits, leave-one-domain-out over `held_out`, with the toy
+  trainer and `source_on_toy`: the source method on toy's backbone."""
+  config = default.get_config('small')
+  config.data.name = 'digits_rotated_dg'
+  config.data.rotations = (0, 60, 75)
+  config.data.held_out = held_out
+  config.meta_methods = 'toy'
+  config.meta_train.toy = {'scale': 3.0}
+  config.methods = methods
+  config.method_configs.source_on_toy = {'method': 'source', 'meta_from': 'toy'}
+  return config
+
+
 class MetaTrainRunnerTest(absltest.TestCase):
   @pytest.mark.slow
   def test_leave_one_domain_out_with_meta_artifacts(self):
     trainers.TRAINERS['toy'] = _toy_trainer
     try:
-      config = default.get_config('small')
-      config.data.name = 'digits_rotated_dg'
-      config.data.rotations = (0, 60, 75)
-      config.data.held_out = 'rot0,rot75'
-      config.meta_methods = 'toy'
-      config.meta_train.toy = {'scale': 3.0}
-      config.methods = 'source,toy,source_on_toy'
+      config = _toy_config('rot0,rot75', 'source,toy,source_on_toy')
       config.method_configs.toy = {
         'method': 'tent',
         'optimizer': {'name': 'adam', 'learning_rate': 1.0, 'inject': True},
-      }
-      # Another method on toy's meta-trained backbone.
-      config.method_configs.source_on_toy = {
-        'method': 'source',
-        'meta_from': 'toy',
       }
       workdir = pathlib.Path(tempfile.mkdtemp())
       # Before meta-training, adaptation refuses (no silent source model).
@@ -95,18 +98,8 @@ class MetaTrainRunnerTest(absltest.TestCase):
     # before meta-training, and a method on another's meta-trained backbone.
     trainers.TRAINERS['toy'] = _toy_trainer
     try:
-      config = default.get_config('small')
-      config.data.name = 'digits_rotated_dg'
-      config.data.rotations = (0, 60, 75)
-      config.data.held_out = 'rot75'
+      config = _toy_config('rot75', 'source_on_toy')
       config.pretrain.epochs = 1  # toy's backbone ignores what it learned
-      config.meta_methods = 'toy'
-      config.meta_train.toy = {'scale': 3.0}
-      config.methods = 'source_on_toy'
-      config.method_configs.source_on_toy = {
-        'method': 'source',
-        'meta_from': 'toy',
-      }
       workdir = pathlib.Path(tempfile.mkdtemp())
       with self.assertRaisesRegex(FileNotFoundError, 'meta_train_main'):
         adapt.run(config, workdir)
