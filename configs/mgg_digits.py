@@ -103,7 +103,10 @@ def get_config(arg=None):
   if arg.model == 'vit':
     config.model = ml_collections.ConfigDict({'name': 'digits_vit'})
     config.pretrain.epochs = 40  # a ViT from scratch needs longer
-    config.methods = 'source,tent,sar,mgg'  # no BN statistics for norm
+    # No BN statistics: norm would only reproduce the source model.
+    config.methods = ','.join(
+      m for m in config.methods.split(',') if m != 'norm'
+    )
     for name in ('tent', 'sar', 'deyo'):
       config.method_configs[name].adapt = LAYER_NORMS
   if arg.analyses:

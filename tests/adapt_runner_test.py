@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import numpy as np
@@ -115,18 +116,9 @@ class AdaptRunnerTest(absltest.TestCase):
   def test_resume_equals_uninterrupted(self):
     config = _config(checkpoint_every=2)
     real_read = streams.read_batch
-    reads = {'n': 0}
-
-    def counted(*args, **kwargs):
-      reads['n'] += 1
-      return real_read(*args, **kwargs)
-
-    streams.read_batch = counted
-    try:
+    with mock.patch.object(streams, 'read_batch', wraps=real_read) as read:
       full = adapt.run(config, self.workdir())
-    finally:
-      streams.read_batch = real_read
-    full_reads, reads['n'] = reads['n'], 0
+    full_reads = read.call_count
     workdir = self.workdir()
     calls = {'n': 0}
 
@@ -146,12 +138,9 @@ class AdaptRunnerTest(absltest.TestCase):
     self.assertNotEmpty(ckpts)
     # The second run starts from the checkpoint, not from the beginning: it
     # reads fewer batches than a whole run does.
-    streams.read_batch = counted
-    try:
+    with mock.patch.object(streams, 'read_batch', wraps=real_read) as read:
       resumed = adapt.run(config, workdir)
-    finally:
-      streams.read_batch = real_read
-    self.assertLess(reads['n'], full_reads)
+    self.assertLess(read.call_count, full_reads)
     self.assertEqual(_errors(resumed), _errors(full))
     for d, v in full['methods']['tent']['domains'].items():
       r = resumed['methods']['tent']['domains'][d]

@@ -9,6 +9,7 @@ import pytest
 
 from configs import mgg_imagenet
 from tta_jax import methods, models
+from tta_jax._src import params as params_lib
 from tta_jax.models.vision import convert
 
 SMALL = dict(width=48, depth=3, num_heads=3)  # 32x32 inputs, patch 16
@@ -126,13 +127,8 @@ def test_vit_b16_layout_is_complete_and_strict():
   # The converted model's LayerNorm affines, as the MGG configs select
   # them: MGTTA's 38,400 adapted scalars.
   mask = methods.mask_from_spec(mgg_imagenet.LAYER_NORMS)(shapes['params'], {})
-  n_ln = sum(
-    v.size
-    for v, m in zip(
-      jax.tree.leaves(shapes['params']), jax.tree.leaves(mask), strict=True
-    )
-    if m
-  )
+  selected, _ = params_lib.split(shapes['params'], mask)
+  n_ln = sum(v.size for v in jax.tree.leaves(selected))
   assert n_ln == 25 * 2 * 768
   sd['blocks.3.attn.qkv.weight'] = sd['blocks.3.attn.qkv.weight'][:100]
   with pytest.raises(ValueError, match='blocks.3.attn.qkv.weight'):
