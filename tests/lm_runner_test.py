@@ -114,3 +114,15 @@ def test_generator_window_must_equal_the_context_chunks():
   config.chunk_tokens += 16
   with pytest.raises(ValueError, match='windows of 48 tokens but .* 64'):
     lm.validate_config(config)
+
+
+def test_misspelled_generator_trainer_settings_are_refused():
+  from configs import generative_adapter as ga_config
+
+  config = ga_config.get_config('small')
+  config.meta_train.generative_adapter.warmup_step = 5  # warmup_steps
+  with pytest.raises(
+    ValueError,
+    match=r"unknown generative_adapter trainer settings \['warmup_step'\]",
+  ):
+    lm.validate_config(config)

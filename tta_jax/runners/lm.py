@@ -74,6 +74,10 @@ def trained_names(config) -> list[str]:
   missing = [m for m in names if m not in config.meta_train]
   if missing:
     raise ValueError(f'no config.meta_train entry for {missing}')
+  for m in names:
+    trainers.check_settings(
+      configs.resolve(config, m, registry), config.meta_train[m]
+    )
   return names
 
 

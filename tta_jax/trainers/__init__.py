@@ -47,7 +47,8 @@ LM_TRAINERS: dict[str, Callable[[lm_base.LMTrainContext], base.TrainResult]] = {
   'generative_adapter': generative_adapter.train,
 }
 
-# The settings each trainer of `TRAINERS` and `SOURCE_TRAINERS` reads.
+# The settings each trainer of `TRAINERS`, `SOURCE_TRAINERS` and
+# `LM_TRAINERS` reads.
 SETTINGS: dict[str, frozenset[str]] = {
   'meta_ttt': meta_ttt.SETTINGS,
   'generalizeformer': generalizeformer.SETTINGS,
@@ -55,6 +56,7 @@ SETTINGS: dict[str, frozenset[str]] = {
   'coop': coop.SETTINGS,
   'sapt': sapt.SETTINGS,
   'lit': lit.SETTINGS,
+  'generative_adapter': generative_adapter.SETTINGS,
 }
 
 

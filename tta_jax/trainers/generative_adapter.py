@@ -49,6 +49,14 @@ from tta_jax.trainers import base, lm_base
 
 OBJECTIVES = ('pretrain', 'reconstruction', 'completion', 'sft')
 
+# The settings `train` reads (`ctx.hparams`), with the two the LM runner
+# reads for it (`init_from`, `tasks`); others are refused as typos.
+SETTINGS = frozenset({
+  'objective', 'steps', 'batch_size', 'num_chunks', 'learning_rate',
+  'warmup_steps', 'weight_decay', 'grad_clip', 'remat', 'checkpoint_every',
+  'init_from', 'tasks',
+})  # fmt: skip
+
 
 # ----------------------------------------------------------------------------
 # Examples.
