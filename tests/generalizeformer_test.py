@@ -326,9 +326,11 @@ class MetaGradientTest(absltest.TestCase):
           phi, adapter, variables, episode, rng, first_order=first_order
         )[0]
 
-      grad = jax.jit(jax.grad(loss))
+      # One compiled program gives both the values and the gradients.
+      value_and_grad = jax.jit(jax.value_and_grad(loss))
+      grad = lambda p: value_and_grad(p)[1]
+      value = lambda p: value_and_grad(p)[0]
       grad_fo = jax.jit(jax.grad(lambda p: loss(p, True)))
-      value = jax.jit(loss)
       # At init only the zero output layer gets a gradient (the rest is
       # multiplied by it); it reaches phi (the official code's CE did not).
       g0 = grad(phi)

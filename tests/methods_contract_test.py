@@ -21,7 +21,14 @@ def _build(case):
 
 
 def _stream(n=NUM_STEPS, batch_size=16):
-  return [test_utils.fake_batch(i, batch_size, labels=False) for i in range(n)]
+  # Masked like a runner's batches, so that the padded and non-finite
+  # checks below reuse the stream's compiled step.
+  return [
+    test_utils.fake_batch(
+      i, batch_size, labels=False, mask=np.ones(batch_size, bool)
+    )
+    for i in range(n)
+  ]
 
 
 def _named(cases):

@@ -332,10 +332,12 @@ class NonFiniteStreamTest(absltest.TestCase):
     np.testing.assert_array_equal(scores['invalid'], [0, 0, 0, 0])
 
   def test_nan_rows_are_masked_scored_and_counted(self):
-    config = _config(methods='source,norm,tent,sar')
+    # Through the runner, for a method that adapts and one that does not;
+    # every method's own handling of such rows is in the contract test.
+    config = _config(methods='source,tent')
     clean = adapt.run(config, _workdir())
     poisoned = self._poisoned(config, rows=[2, 5])
-    for name in ('source', 'norm', 'tent', 'sar'):
+    for name in ('source', 'tent'):
       m = poisoned['methods'][name]
       self.assertEqual(m['invalid_inputs'], 2.0)
       self.assertEqual(m['nonfinite_outputs'], 0.0)  # not counted twice
@@ -396,11 +398,11 @@ class DonationTest(absltest.TestCase):
 class ParallelTest(absltest.TestCase):
   def test_parallel_domains_on_uneven_domains_equals_sequential(self):
     # Like the main benchmark: domains of different sizes (the UCI digits
-    # are larger), and groups of one stream next to vmapped groups.
+    # are larger: 100 here, the corruptions 70), so a group of one stream
+    # (the last, whose state the clean check adapts from) follows a
+    # vmapped group.
     config = _config(
-      methods='tent',
-      setting='reset_each_shift',
-      **{'data.max_examples_per_domain': 0, 'data.test_size': 70},
+      methods='tent', setting='reset_each_shift', **{'data.test_size': 70}
     )
     config.data.corruptions = ('gaussian_noise', 'contrast', 'fog')
     sequential = adapt.run(config, _workdir())
