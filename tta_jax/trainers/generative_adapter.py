@@ -291,7 +291,7 @@ def train(ctx: lm_base.LMTrainContext) -> base.TrainResult:
     keep = lambda n, o: jnp.where(ok, n, o)
     gen = jax.tree.map(keep, new_gen, gen)
     opt_state = jax.tree.map(keep, new_opt, opt_state)
-    return gen, opt_state, loss, aux, optax.global_norm(grads), ~ok
+    return gen, opt_state, loss, aux, optax.tree.norm(grads), ~ok
 
   t0, tokens_seen, metrics = time.perf_counter(), 0, {}
   window = {'loss': [], 'grad_norm': []}
