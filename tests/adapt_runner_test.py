@@ -120,20 +120,15 @@ class AdaptRunnerTest(absltest.TestCase):
       full = adapt.run(config, self.workdir())
     full_reads = read.call_count
     workdir = self.workdir()
-    calls = {'n': 0}
 
     def flaky(*args, **kwargs):
-      calls['n'] += 1
-      if calls['n'] == 8:
+      if read.call_count == 8:  # counted before this call runs
         raise KeyboardInterrupt('simulated interruption')
       return real_read(*args, **kwargs)
 
-    streams.read_batch = flaky
-    try:
+    with mock.patch.object(streams, 'read_batch', side_effect=flaky) as read:
       with self.assertRaises(KeyboardInterrupt):
         adapt.run(config, workdir)
-    finally:
-      streams.read_batch = real_read
     ckpts = list((workdir / 'adapt_ckpt').glob('*/seed0/*'))
     self.assertNotEmpty(ckpts)
     # The second run starts from the checkpoint, not from the beginning: it

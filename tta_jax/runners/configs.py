@@ -81,14 +81,16 @@ def method_kwargs(config, name: str) -> dict[str, Any]:
   return kwargs
 
 
-def trained_names(config) -> list[str]:
-  """`config.meta_methods`: the methods whose trainers run first."""
+def trained_names(
+  config, registry=trainers.TRAINERS, kind: str = 'meta-trainer'
+) -> list[str]:
+  """`config.meta_methods`: the methods whose trainers (of `registry`, each
+  a `kind`) run first; their `config.meta_train` entries are checked."""
   names = _names(config.meta_methods)
-  registry = trainers.TRAINERS
   unknown = [m for m in names if resolve(config, m, registry) not in registry]
   if unknown:
     raise ValueError(
-      f'no meta-trainer for {unknown}; valid: {sorted(registry)} (or '
+      f'no {kind} for {unknown}; valid: {sorted(registry)} (or '
       'method_configs variants of them)'
     )
   missing = [m for m in names if m not in config.meta_train]

@@ -61,24 +61,7 @@ def method_factory(config, name: str) -> str:
 
 def trained_names(config) -> list[str]:
   """`config.meta_methods`: the LM methods whose trainers run first."""
-  names = configs._names(config.meta_methods)
-  registry = trainers.LM_TRAINERS
-  unknown = [
-    m for m in names if configs.resolve(config, m, registry) not in registry
-  ]
-  if unknown:
-    raise ValueError(
-      f'no LM trainer for {unknown}; valid: {sorted(registry)} (or '
-      'method_configs variants of them)'
-    )
-  missing = [m for m in names if m not in config.meta_train]
-  if missing:
-    raise ValueError(f'no config.meta_train entry for {missing}')
-  for m in names:
-    trainers.check_settings(
-      configs.resolve(config, m, registry), config.meta_train[m]
-    )
-  return names
+  return configs.trained_names(config, trainers.LM_TRAINERS, 'LM trainer')
 
 
 def artifacts_owner(config, name: str) -> str | None:
